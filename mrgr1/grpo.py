@@ -1,0 +1,224 @@
+"""GRPO math: group-relative advantages, token log-probs, and the clipped loss with a KL term.
+
+GRPO (Shao et al., 2024, DeepSeekMath, arXiv 2402.03300), as used by MRG-R1 (arXiv 2512.16145):
+for each prompt sample G completions o_1..o_G, score them R_i, and
+    A_i   = (R_i - mean(R_1..R_G)) / (std(R_1..R_G) + eps)              group_advantages
+    r_i,t = exp(log pi_theta(o_i,t) - log pi_old(o_i,t))                 importance_ratio
+    L_i,t = -min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i)          clipped_surrogate
+            + beta * KL_i,t,  KL = exp(ref - logp) - (ref - logp) - 1    k3_kl
+    L     = mean over tokens, by one of four conventions                 aggregate
+Variants: "batch" advantage scaling, no scaling and the "dr_grpo" length normaliser (Dr. GRPO,
+Liu et al., 2025, arXiv 2503.20783), token-level "bnpo"/"dapo" normalisation (DAPO, Yu et al., 2025,
+arXiv 2503.14476; also its asymmetric clip eps_high > eps_low).
+
+Example (one update on a batch of N = B * G completions, T completion tokens):
+    >>> adv = group_advantages(rewards, group_size=G)                      # [N]
+    >>> logps = model.token_logps(..., logits_to_keep=T, temperature=temp)  # [N, T], with grad
+    >>> loss, stats = policy_loss(logps, old_logps, ref_logps, adv, mask, beta=0.04)
+    >>> loss.backward()
+"""
+import torch
+
+SCALES = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def _check_finite(rewards: torch.Tensor, group_size: int) -> None:
+    bad = (~torch.isfinite(rewards)).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"reward of rollout {i} (group {i // group_size}, member {i % group_size}) "
+                         f"is {rewards[i].item()}; {len(bad)} rewards are not finite. Check the "
+                         f"reward function on that completion.")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (R_i - mean_group R) / (std R + eps) for rewards [N] grouped by prompt -> [N].
+
+    Rows i*G .. i*G+G-1 are the G completions of prompt i (generate's order).
+    scale: "group" divides by the group's std (GRPO); "batch" by the std of the whole batch
+    (the mean stays per group); "none" does not divide (Dr. GRPO). std is the unbiased one
+    (divide by G - 1), as TRL does. A group whose rewards are all equal gets A = 0 exactly:
+    it carries no signal about which completion is better.
+    Worked example, G = 4, rewards [1, 0, 0.5, 0.5]:
+        mean = 0.5, deviations [0.5, -0.5, 0, 0], std = sqrt((0.25 + 0.25) / 3) = 0.4082
+        A = [0.5, -0.5, 0, 0] / (0.4082 + 1e-4) = [1.2244, -1.2244, 0, 0]
+    """
+    if scale not in SCALES:
+        raise ValueError(f"advantage scale must be one of {SCALES}, got {scale!r}")
+    if rewards.dim() != 1 or group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D [N] with N a multiple of group_size >= 2 "
+                         f"(std of one sample is undefined); got shape {tuple(rewards.shape)}, "
+                         f"group_size {group_size}")
+    _check_finite(rewards, group_size)
+    grouped = rewards.float().view(-1, group_size)                         # [B, G]
+    deviations = grouped - grouped.mean(dim=1, keepdim=True)               # [B, G]
+    flat = grouped.max(dim=1, keepdim=True).values == grouped.min(dim=1, keepdim=True).values
+    deviations = torch.where(flat, 0.0, deviations)  # no float noise from mean() on a flat group
+    if scale == "group":
+        deviations = deviations / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        deviations = deviations / (rewards.float().std() + eps)
+    return deviations.flatten()                                            # [N]
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def token_logps_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
+                            temperature: float = 1.0) -> torch.Tensor:
+    """log pi(tokens[n, t]) under softmax(logits[n, t] / temperature) -> [N, T] float32.
+
+    logits [N, T, V] must already be aligned with tokens [N, T] (logits[:, t] predicts tokens[:, t]).
+    Dividing by the sampling temperature makes these the log-probs of the distribution the
+    completions were sampled from, so on-policy the ratio r is exactly 1.
+    Reference version: it builds a float32 copy of the logits; the model computes the same thing
+    chunk by chunk (`Qwen2_5_VL.token_logps`) for long completions and large vocabularies.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probs (greedy decoding has none), "
+                         f"got {temperature}")
+    if logits.shape[:2] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} must "
+                         f"share [N, T]")
+    logits = logits.float() / temperature                                  # [N, T, V]
+    picked = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)    # [N, T]
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+# ----------------------------------------------------------------------------- loss pieces
+
+def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
+    """r_t = pi_theta(o_t) / pi_old(o_t) = exp(logp - old_logp) -> [N, T]. old_logps carry no grad."""
+    return torch.exp(logps - old_logps.detach())
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2,
+                      eps_high: float = 0.2) -> torch.Tensor:
+    """Per-token PPO loss -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) -> [N, T].
+
+    ratio [N, T], advantages [N] (one per completion, shared by its tokens).
+    Worked example, eps = 0.2: r = 1.5, A = 1 -> -min(1.5, 1.2) = -1.2 (clipped: no gradient);
+    r = 0.5, A = -1 -> -min(-0.5, -0.8) = 0.8 (clipped); r = 1.5, A = -1 -> -min(-1.5, -1.2) = 1.5
+    (not clipped: a too-likely bad token is always pushed down).
+    """
+    a = advantages.unsqueeze(1)                                            # [N, 1]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    return -torch.minimum(ratio * a, clipped * a)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """KL_t = exp(ref - logp) - (ref - logp) - 1 >= 0 (Schulman's k3 estimator) -> [N, T].
+
+    Unbiased for KL(pi_theta || pi_ref) when o_t ~ pi_theta, zero when the policies agree.
+    Worked example: pi_theta(o) = 0.5, pi_ref(o) = 0.25 -> ref - logp = log 0.5 = -0.6931,
+    KL = 0.5 + 0.6931 - 1 = 0.1931.
+    """
+    delta = ref_logps.detach() - logps
+    return torch.exp(delta) - delta - 1
+
+
+def loss_normalizer(mask: torch.Tensor, loss_type: str = "grpo", max_len: int | None = None) -> float:
+    """The denominator `aggregate` uses for a whole batch with completion mask [N, T].
+
+    "grpo": N (sequences); "bnpo"/"dapo": number of completion tokens; "dr_grpo": N * max_len.
+    Gradient accumulation: compute this once on the full batch, pass it as `normalizer` to
+    `policy_loss` for each micro-batch and SUM the micro-batch losses: the sum then equals the
+    full-batch loss (and so do the gradients). Averaging per micro-batch instead would weigh a
+    token of a short micro-batch more than one of a long micro-batch.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "grpo":
+        return float(mask.shape[0])
+    if loss_type in ("bnpo", "dapo"):
+        return max(float(mask.sum()), 1.0)
+    max_len = mask.shape[1] if max_len is None else max_len
+    if max_len < mask.shape[1]:
+        raise ValueError(f"dr_grpo max_len ({max_len}) is shorter than the completions ({mask.shape[1]})")
+    return float(mask.shape[0] * max_len)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo",
+              max_len: int | None = None, normalizer: float | None = None) -> torch.Tensor:
+    """Reduce a per-token loss [N, T] over completion tokens (mask 1) to a scalar.
+
+    "grpo":          (1/N) sum_i (1/|o_i|) sum_t L_i,t   (long completions weigh less per token)
+    "bnpo" / "dapo": sum_i,t L_i,t / sum_i |o_i|          (every token weighs the same)
+    "dr_grpo":       sum_i,t L_i,t / (N * max_len)        (a constant: no length bias)
+    normalizer replaces the denominator N, sum |o_i| or N * max_len by the whole batch's
+    (see `loss_normalizer`) when this is one micro-batch of several.
+    Worked example, L = [[-1, -1.2], [0.8, pad]], |o| = [2, 1]:
+        grpo (-1.1 + 0.8) / 2 = -0.15;  bnpo (-1.4) / 3 = -0.4667;  dr_grpo (-1.4) / (2 * 2) = -0.35
+    """
+    mask = mask.to(per_token.dtype)
+    per_token = torch.where(mask > 0, per_token, 0.0)  # padding, whatever its value, adds nothing
+    if normalizer is None:
+        normalizer = loss_normalizer(mask, loss_type, max_len)
+    elif loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "grpo":
+        per_seq = per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)          # [N]
+        return per_seq.sum() / normalizer
+    return per_token.sum() / normalizer
+
+
+def mask_truncated(mask: torch.Tensor, is_truncated: torch.Tensor) -> torch.Tensor:
+    """Zero the mask [N, T] of completions that hit max_new_tokens without EOS (is_truncated [N]).
+
+    DAPO's "overlong filtering": a cut-off report is judged on an unfinished text, so its reward
+    says little about its tokens. With loss_type "grpo" a masked row still counts in N.
+    """
+    return mask * (~is_truncated.bool()).unsqueeze(1).to(mask.dtype)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp_min(1.0))
+
+
+def policy_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps_high=0.2,
+                beta=0.04, loss_type="grpo", max_len=None, normalizer=None):
+    """The GRPO loss and its statistics for one (micro-)batch.
+
+    logps [N, T] (with grad), old_logps [N, T] or None (on-policy: logps.detach(), so r = 1),
+    ref_logps [N, T] or None (only when beta = 0), advantages [N], mask [N, T] (1 = completion
+    token). loss_type and max_len: see `aggregate`; normalizer: see `loss_normalizer`.
+    Returns (loss, stats) with stats as floats: "kl" (mean k3 over tokens, when ref_logps is
+    given), "clip_ratio/low_mean" (share of tokens with r < 1 - eps_low and A < 0),
+    "clip_ratio/high_mean" (r > 1 + eps_high and A > 0), "clip_ratio/region_mean" (either),
+    "ratio_mean" (mean r). Entropy is not computable from log-probs alone and is not reported.
+    """
+    if logps.dim() != 2 or mask.shape != logps.shape or advantages.shape != logps.shape[:1]:
+        raise ValueError(f"expected logps and mask [N, T] and advantages [N]; got logps "
+                         f"{tuple(logps.shape)}, mask {tuple(mask.shape)}, advantages "
+                         f"{tuple(advantages.shape)}")
+    for name, other in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if other is not None and other.shape != logps.shape:
+            raise ValueError(f"{name} {tuple(other.shape)} must match logps {tuple(logps.shape)}")
+    if beta != 0 and ref_logps is None:
+        raise ValueError(f"beta = {beta} needs ref_logps (the reference policy's log-probs); "
+                         f"pass them or set beta = 0")
+    mask = mask.to(logps.dtype)
+    old_logps = logps.detach() if old_logps is None else old_logps
+    ratio = importance_ratio(logps, old_logps)                             # [N, T]
+    per_token = clipped_surrogate(ratio, advantages, eps_low, eps_high)    # [N, T]
+    stats = {}
+    if ref_logps is not None:
+        kl = k3_kl(logps, ref_logps)                                       # [N, T]
+        if beta != 0:
+            per_token = per_token + beta * kl
+        stats["kl"] = _masked_mean(kl.detach(), mask)
+    loss = aggregate(per_token, mask, loss_type, max_len, normalizer)
+
+    r, a = ratio.detach(), advantages.unsqueeze(1)
+    low = ((r < 1 - eps_low) & (a < 0)).to(mask.dtype)
+    high = ((r > 1 + eps_high) & (a > 0)).to(mask.dtype)
+    stats["clip_ratio/low_mean"] = _masked_mean(low, mask)
+    stats["clip_ratio/high_mean"] = _masked_mean(high, mask)
+    stats["clip_ratio/region_mean"] = _masked_mean(low + high, mask)
+    stats["ratio_mean"] = _masked_mean(r, mask)
+    return loss, stats
