@@ -208,6 +208,8 @@ def download_file(url, dest, *, size=None, sha256=None, timeout=60.0, retries=3,
                 raise WeightsError(f"download of {url} was cut off ({why}); {os.path.getsize(part)} bytes are "
                                    f"kept in {part}: run the same command again to resume.\n"
                                    + _by_hand(url, dest)) from None
+    if os.path.exists(part + ".etag"):
+        os.remove(part + ".etag")
     got_size, digest = os.path.getsize(part), sha256_file(part)
     problem = None
     if size is not None and got_size != size:
@@ -235,6 +237,9 @@ def _fetch_into(url, dest, size, timeout, progress):
     request = urllib.request.Request(url, headers={"User-Agent": "mrgr1-weights"})
     if have:
         request.add_header("Range", f"bytes={have}-")
+        if os.path.isfile(part + ".etag"):  # resume only the same version of the file; else get it whole
+            with open(part + ".etag", encoding="utf-8") as f:
+                request.add_header("If-Range", f.read())
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
@@ -248,7 +253,11 @@ def _fetch_into(url, dest, size, timeout, progress):
                            "firewall? for a mirror set HF_ENDPOINT)\n" + _by_hand(url, dest)) from None
     with response:
         if have and response.status != 206:
-            have = 0  # the server ignored the Range header: start again from byte 0
+            have = 0  # the file changed, or the server ignores Range: start again from byte 0
+        etag = response.headers.get("ETag")
+        if not have and etag and not etag.startswith("W/"):  # If-Range takes only strong validators
+            with open(part + ".etag", "w", encoding="utf-8") as f:
+                f.write(etag)
         length = response.headers.get("Content-Length")
         expected = int(length) if length is not None else None
         received = 0

@@ -28,22 +28,31 @@ class FakeHub:
         self.files = {}  # URL path -> bytes
         self.cut_after = {}  # URL path -> bytes to send before dropping the connection (once)
         self.log = []  # (path, Range header or None, bytes sent)
+        self.redirects = {}  # URL path -> the path it redirects to
 
 
 def _handler(hub):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path in hub.redirects:  # like Hugging Face sending large files to its CDN
+                self.send_response(302)
+                self.send_header("Location", hub.redirects[self.path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = hub.files.get(self.path)
             if body is None:
                 hub.log.append((self.path, self.headers.get("Range"), 0))
                 self.send_error(404)
                 return
+            etag = '"' + hashlib.sha256(body).hexdigest() + '"'
             start, status = 0, 200
             match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-            if match:
+            if match and self.headers.get("If-Range", etag) == etag:
                 start, status = int(match.group(1)), 206
             rest = body[start:]
             self.send_response(status)
+            self.send_header("ETag", etag)
             self.send_header("Content-Length", str(len(rest)))
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -66,7 +75,7 @@ def _handler(hub):
 def hub(monkeypatch):
     state = FakeHub()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     yield state
@@ -159,6 +168,27 @@ def test_cut_off_transfer_is_retried_within_one_call(hub, vocab_bytes, tmp_path)
     weights.download("bert-base-uncased-vocab", str(tmp_path), retries=1, progress=False, log=_quiet)
     assert [r for _, r, _ in hub.log] == [None, "bytes=5000-"]
     assert (tmp_path / "bert-base-uncased-vocab" / "vocab.txt").read_bytes() == vocab_bytes
+
+
+def test_resume_follows_a_redirect(hub, vocab_bytes, tmp_path):
+    hub.files["/cdn/vocab"] = vocab_bytes
+    hub.redirects[VOCAB_URL_PATH] = "/cdn/vocab"
+    hub.cut_after["/cdn/vocab"] = 50_000
+    weights.download("bert-base-uncased-vocab", str(tmp_path), retries=1, progress=False, log=_quiet)
+    assert [(p, r) for p, r, _ in hub.log if p == "/cdn/vocab"] == [("/cdn/vocab", None), ("/cdn/vocab", "bytes=50000-")]
+    assert (tmp_path / "bert-base-uncased-vocab" / "vocab.txt").read_bytes() == vocab_bytes
+
+
+def test_a_file_changed_on_the_server_is_fetched_whole_not_spliced(hub, vocab_bytes, tmp_path):
+    hub.files[VOCAB_URL_PATH] = b"an older version " * 10_000
+    hub.cut_after[VOCAB_URL_PATH] = 1_000
+    with pytest.raises(WeightsError, match="cut off"):
+        weights.download("bert-base-uncased-vocab", str(tmp_path), retries=0, progress=False, log=_quiet)
+    hub.files[VOCAB_URL_PATH] = vocab_bytes  # the repository was updated meanwhile
+    weights.download("bert-base-uncased-vocab", str(tmp_path), retries=0, progress=False, log=_quiet)
+    assert hub.log[1] == (VOCAB_URL_PATH, "bytes=1000-", len(vocab_bytes))  # If-Range failed: whole file
+    assert (tmp_path / "bert-base-uncased-vocab" / "vocab.txt").read_bytes() == vocab_bytes
+    assert sorted(os.listdir(tmp_path / "bert-base-uncased-vocab")) == [weights.LOCK_NAME, "vocab.txt"]
 
 
 def test_checksum_mismatch_deletes_the_file_and_names_it(hub, vocab_bytes, tmp_path):
