@@ -137,6 +137,8 @@ def sentence_bleu(hypothesis: str, reference: str, max_n: int = 4) -> float:
 
     p_n = clipped n-gram matches / hypothesis n-grams; for n >= 2, p_n = (matches + 1) / (count + 1)
     so one missing 4-gram does not zero a short sentence. p_1 is not smoothed: no shared word -> 0.
+    A hypothesis with no n-grams of order n (fewer than n words) counts 1 of them, as NLTK does
+    (its `SmoothingFunction().method2` gives the same numbers), so p_n = 1/2 there.
     BLEU = BP * exp(mean_n log p_n), BP = 1 if c > r else exp(1 - r / c) (c, r: word counts).
     Worked example: hyp "the heart is normal", ref "the heart is normal size"
         p_1 = 4/4, p_2 = (3+1)/(3+1), p_3 = (2+1)/(2+1), p_4 = (1+1)/(1+1); BP = exp(1 - 5/4)
@@ -149,7 +151,7 @@ def sentence_bleu(hypothesis: str, reference: str, max_n: int = 4) -> float:
     for n in range(1, max_n + 1):
         h, r = _ngrams(hyp, n), _ngrams(ref, n)
         matches = sum(min(c, r[g]) for g, c in h.items())
-        count = sum(h.values())
+        count = max(sum(h.values()), 1)
         if n == 1 and matches == 0:
             return 0.0
         p = matches / count if n == 1 else (matches + 1) / (count + 1)
