@@ -370,17 +370,17 @@ _NLG_ROWS = [("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), (
 
 def format_table(scores: dict) -> str:
     """A readable table of whatever `ce_scores` / `nlg_scores` keys `scores` holds."""
-    lines = []
+    lines, W = [], 72  # W: width of the convention column
     if "ce_micro/f1" in scores:
         lines += [f"Clinical efficacy ({int(scores.get('num_reports', 0))} reports, CheXbert labels)",
-                  f"{'convention':<66}{'P':>8}{'R':>8}{'F1':>8}"]
+                  f"{'convention':<{W}}{'P':>8}{'R':>8}{'F1':>8}"]
         for key, what in _CE_ROWS:
             p, r, f = (scores[f"{key}/{m}"] for m in ("precision", "recall", "f1"))
-            lines.append(f"{key + '  ' + what:<66}{p:8.4f}{r:8.4f}{f:8.4f}")
-        lines.append(f"{'':<66}{'micro F1':>12}{'macro F1':>12}{'acc':>8}")
+            lines.append(f"{key + '  ' + what:<{W}}{p:8.4f}{r:8.4f}{f:8.4f}")
+        lines.append(f"{'':<{W}}{'micro F1':>12}{'macro F1':>12}{'acc':>8}")
         for key, what in _CHEXBERT_ROWS:
             acc = f"{scores[key + '/accuracy']:8.4f}" if key + "/accuracy" in scores else ""
-            lines.append(f"{key + '  ' + what:<66}{scores[key + '/micro_f1']:12.4f}"
+            lines.append(f"{key + '  ' + what:<{W}}{scores[key + '/micro_f1']:12.4f}"
                          f"{scores[key + '/macro_f1']:12.4f}{acc}")
     if "per_observation" in scores:
         lines += ["", f"{'per observation (positive only)':<32}{'P':>8}{'R':>8}{'F1':>8}{'support':>9}"]
