@@ -69,11 +69,11 @@ def load_manifest(path=None):
 
 
 def _check_file_spec(where, name, spec):
-    sha, size = spec.get("sha256"), spec.get("size")
+    sha, size, what = spec.get("sha256"), spec.get("size"), f"{where}: {name}/{spec['path']}"
     if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise WeightsError(f"{where}: {name}/{spec['path']}: sha256 must be 64 lowercase hex digits or null")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise WeightsError(f"{where}: {name}/{spec['path']}: size must be a non-negative integer or null")
+        raise WeightsError(f"{what}: sha256 must be 64 lowercase hex digits or null")
+    if size is not None and (type(size) is not int or size < 0):
+        raise WeightsError(f"{what}: size must be a non-negative integer or null")
     _check_relative(spec["path"], f"{where}: {name}")
 
 
@@ -84,16 +84,11 @@ def _check_relative(path, where):
         raise WeightsError(f"{where}: file name {path!r} is not a plain relative path")
 
 
-def hf_endpoint():
-    """Base URL for Hugging Face files: $HF_ENDPOINT (a mirror) or https://huggingface.co."""
-    return os.environ.get("HF_ENDPOINT", HF_DEFAULT).rstrip("/")
-
-
 def file_url(entry, path):
-    """URL of one file of an artefact; Hugging Face URLs are moved to $HF_ENDPOINT."""
+    """URL of one file of an artefact; Hugging Face URLs move to $HF_ENDPOINT (a mirror) if set."""
     base = entry["base_url"]
     if base.startswith(HF_DEFAULT + "/"):
-        base = hf_endpoint() + base[len(HF_DEFAULT):]
+        base = os.environ.get("HF_ENDPOINT", HF_DEFAULT).rstrip("/") + base[len(HF_DEFAULT):]
     return base + path
 
 
@@ -147,6 +142,11 @@ def expected_files(entry, folder):
     return files
 
 
+def _known(spec, lock, key):
+    """The manifest's size/sha256 of a file, else the one recorded in the lock, else None."""
+    return spec[key] if spec.get(key) is not None else lock.get(spec["path"], {}).get(key)
+
+
 def missing_files(entry, folder):
     """Required files absent (or of the wrong known size) in `folder`; [] when complete.
 
@@ -158,8 +158,7 @@ def missing_files(entry, folder):
     lock = read_lock(folder) if os.path.isdir(folder) else {}
     missing = []
     for path, spec in expected_files(entry, folder):
-        target = os.path.join(folder, path)
-        size = spec.get("size") if spec.get("size") is not None else lock.get(path, {}).get("size")
+        target, size = os.path.join(folder, path), _known(spec, lock, "size")
         if not os.path.isfile(target):
             if not spec.get("optional"):
                 missing.append(path)
@@ -170,22 +169,22 @@ def missing_files(entry, folder):
 
 def check_file(target, spec, lock):
     """Check size and sha256 of one file; return (sha256, how it was checked). Raise on mismatch."""
-    rel = spec["path"]
-    recorded = lock.get(rel, {})
-    size = spec.get("size") if spec.get("size") is not None else recorded.get("size")
-    if size is not None and os.path.getsize(target) != size:
-        raise WeightsError(f"{target}: size {os.path.getsize(target)} bytes, expected {size}")
-    digest = sha256_file(target)
-    if spec.get("sha256"):
-        expected, how = spec["sha256"], "sha256 from the manifest"
-    elif recorded.get("sha256"):
-        expected, how = recorded["sha256"], f"sha256 recorded in {LOCK_NAME} on first download"
-    else:
+    _check_size(target, spec, lock)
+    digest, expected = sha256_file(target), _known(spec, lock, "sha256")
+    if expected is None:
         return digest, f"no published sha256: recorded {digest[:12]}... in {LOCK_NAME}"
+    how = "sha256 from the manifest" if spec.get("sha256") else f"sha256 recorded in {LOCK_NAME} on first download"
     if digest != expected:
         raise WeightsError(f"{target}: sha256 {digest} does not match the expected {expected} ({how}). "
                            "The file is damaged or was changed: delete it and download it again.")
     return digest, how
+
+
+def _check_size(target, spec, lock):
+    size = _known(spec, lock, "size")
+    if size is not None and os.path.getsize(target) != size:
+        raise WeightsError(f"{target}: size {os.path.getsize(target)} bytes, expected {size}: "
+                           "delete it and download it again")
 
 
 # ----------------------------------------------------------------------------- one file over HTTP
@@ -307,10 +306,7 @@ def _fetch_one(entry, folder, path, spec, lock, timeout, retries, progress):
     """Bring one file into place and record it in `lock`; return how it was checked (None: skipped)."""
     target, url = os.path.join(folder, path), file_url(entry, path)
     if os.path.isfile(target):
-        size = spec.get("size") if spec.get("size") is not None else lock.get(path, {}).get("size")
-        if size is not None and os.path.getsize(target) != size:
-            raise WeightsError(f"{target}: size {os.path.getsize(target)} bytes, expected {size}: "
-                               "delete it and run the command again")
+        _check_size(target, spec, lock)
         if path in lock or spec.get("sha256"):
             return None
         digest, how = check_file(target, spec, lock)  # placed by hand: hash it once now
@@ -399,17 +395,17 @@ def resolve_policy(name_or_path, weights_dir="weights", *, manifest=None):
     """Folder of a policy checkpoint, or None for "tiny".
 
     "tiny" is the random-init test preset (mrgr1.config): nothing to load, the caller builds it
-    from its config. An existing folder is returned as is. A manifest name of kind "policy"
-    returns weights_dir/name if complete (sizes checked, not hashes), else raises WeightsError
-    with the download command.
+    from its config. A manifest name of kind "policy" returns weights_dir/name if complete
+    (sizes checked, not hashes; `verify` hashes), else raises WeightsError with the download
+    command. Anything else must be an existing folder, returned as is.
     """
     if name_or_path == "tiny":
         return None
-    if os.path.isdir(name_or_path):
-        return name_or_path
     entries = load_manifest(manifest)
     policies = [n for n, e in entries.items() if e.get("kind") == "policy"]
     if name_or_path not in policies:
+        if os.path.isdir(name_or_path):
+            return name_or_path
         raise WeightsError(f"policy {name_or_path!r} is neither an existing folder nor a preset "
                            f"(tiny, {', '.join(policies)})")
     folder = os.path.join(weights_dir, name_or_path)
@@ -452,18 +448,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mrgr1.weights", description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", default=None, help="manifest path (default: weights_manifest.json)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list").add_argument("--dir", default="weights")
-    p = sub.add_parser("download")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", default="weights", help="weights folder (default: weights)")
+    sub.add_parser("list", parents=[common])
+    p = sub.add_parser("download", parents=[common])
     p.add_argument("names", nargs="+")
-    p.add_argument("--dir", default="weights")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before giving up")
-    p = sub.add_parser("verify")
+    p = sub.add_parser("verify", parents=[common])
     p.add_argument("names", nargs="*", help="default: every artefact with a folder in --dir")
-    p.add_argument("--dir", default="weights")
-    p = sub.add_parser("add")
+    p = sub.add_parser("add", parents=[common])
     p.add_argument("name")
-    p.add_argument("--from", dest="source", required=True)
-    p.add_argument("--dir", default="weights")
+    p.add_argument("--from", dest="source", required=True, help="folder holding the files (or the one file)")
     p = sub.add_parser("convert-chexbert")
     p.add_argument("--src", default=os.path.join("weights", "chexbert", "chexbert.pth"))
     p.add_argument("--out", default=None, help="default: chexbert.safetensors beside --src")
