@@ -1,0 +1,267 @@
+"""Qwen2_5_VL against transformers' Qwen2_5_VLForConditionalGeneration (the oracle), on tiny random
+checkpoints written by transformers' own save_pretrained."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mrgr1.config import ModelConfig, preset
+from mrgr1.vlm import KVCache, Qwen2_5_VL, decode_position_ids
+from tests.tiny_qwen import make_tiny_hf_model, tiny_token_ids
+
+VOCAB = 300
+IDS = tiny_token_ids(VOCAB)
+IMG, VS, VE = IDS["image_token_id"], IDS["vision_start_token_id"], IDS["vision_end_token_id"]
+# Two images of different sizes. Window = 112 px = 4x4 merged tokens; (10, 12) patches = 5x6 merged
+# tokens, so its windows are 4x4, 4x2, 1x4, 1x2: partial windows at the right and bottom edges.
+GRIDS = torch.tensor([[1, 4, 6], [1, 10, 12]])
+
+
+def hf_forward(hf, input_ids, mask, pv=None, grid=None):
+    # transformers 5 needs mm_token_type_ids, or it silently falls back to 1-D positions.
+    with torch.no_grad():
+        return hf(input_ids=input_ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
+                  mm_token_type_ids=(input_ids == IMG).int()).logits
+
+
+def left_padded(rows):
+    T = max(len(r) for r in rows)
+    ids, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):], mask[b, T - len(r):] = torch.tensor(r), 1
+    return ids, mask
+
+
+def image_batch(seed=0, extra_text=(5, 6)):
+    """Row 0: one 4x6-patch image (6 tokens); row 1: one 10x12-patch image (30 tokens). Left padded."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n):
+        return torch.randint(0, VOCAB - 10, (n,), generator=g).tolist()
+
+    rows = [text(3) + [VS] + [IMG] * 6 + [VE] + text(extra_text[0]),
+            text(4) + [VS] + [IMG] * 30 + [VE] + text(extra_text[1])]
+    ids, mask = left_padded(rows)
+    pv = torch.randn(int(GRIDS.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
+    return ids, mask, pv, GRIDS
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    path = tmp_path_factory.mktemp("untied")
+    hf, _ = make_tiny_hf_model(path, vocab_size=VOCAB, tie=False, seed=0)
+    return hf, str(path)
+
+
+@pytest.fixture(scope="module")
+def ours(untied):
+    return Qwen2_5_VL.from_pretrained(untied[1])
+
+
+def assert_logits_match(ours_logits, hf_logits, mask, tol=1e-4):
+    m = mask.bool()  # outputs at padding positions are meaningless in both models
+    assert (ours_logits[m] - hf_logits[m]).abs().max().item() <= tol
+
+
+def test_logits_match_transformers_with_left_padding_and_two_images(untied, ours):
+    hf, _ = untied
+    ids, mask, pv, grid = image_batch()
+    assert mask[0].sum() < mask.shape[1]  # row 0 really is padded
+    with torch.no_grad():
+        out = ours(ids, mask, pv, grid)
+    assert_logits_match(out, hf_forward(hf, ids, mask, pv, grid), mask)
+
+
+def test_vision_tower_matches_transformers(untied, ours):
+    hf, _ = untied
+    _, _, pv, grid = image_batch()
+    with torch.no_grad():
+        ref = hf.model.visual(pv, grid_thw=grid).pooler_output
+        out = ours.model.visual(pv, grid)
+    assert out.shape == (36, 64)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_rope_index_matches_transformers(untied, ours):
+    hf, _ = untied
+    ids, mask, _, grid = image_batch()
+    ref_pos, ref_delta = hf.model.get_rope_index(ids, mm_token_type_ids=(ids == IMG).int(),
+                                                 image_grid_thw=grid, attention_mask=mask)
+    pos, delta = ours.rope_index(ids, mask, grid)
+    m = mask.bool()
+    assert torch.equal(pos[:, m], ref_pos[:, m])
+    # transformers counts its delta from the unpadded length, ours from the padded width T.
+    n_pad = (mask == 0).sum(1, keepdim=True)
+    assert torch.equal(delta, ref_delta - n_pad)
+
+
+def test_text_only_batch_matches_transformers(untied, ours):
+    hf, _ = untied
+    ids, mask = left_padded([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
+    with torch.no_grad():
+        out = ours(ids, mask)
+    assert_logits_match(out, hf_forward(hf, ids, mask), mask)
+
+
+def _rewrite_new_layout_sharded(src, dst):
+    """Re-save a checkpoint with transformers-5 key names, split into two shards with an index."""
+    state = load_file(os.path.join(src, "model.safetensors"))
+    renamed = {}
+    for k, v in state.items():
+        k = "model.visual." + k[len("visual."):] if k.startswith("visual.") else k
+        k = "model.language_model." + k[len("model."):] if k.startswith("model.") and ".visual." not in k else k
+        renamed[k] = v
+    keys = sorted(renamed)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    os.makedirs(dst, exist_ok=True)
+    for name, ks in shards.items():
+        save_file({k: renamed[k] for k in ks}, os.path.join(dst, name))
+    weight_map = {k: name for name, ks in shards.items() for k in ks}
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+        g.write(f.read())
+    return keys
+
+
+def test_loads_sharded_checkpoint_with_transformers5_key_layout(untied, tmp_path):
+    hf, src = untied
+    keys = _rewrite_new_layout_sharded(src, tmp_path)
+    assert any(k.startswith("model.language_model.layers.") for k in keys)
+    assert any(k.startswith("model.visual.blocks.") for k in keys)
+    model = Qwen2_5_VL.from_pretrained(str(tmp_path))
+    ids, mask, pv, grid = image_batch(seed=1)
+    with torch.no_grad():
+        out = model(ids, mask, pv, grid)
+    assert_logits_match(out, hf_forward(hf, ids, mask, pv, grid), mask)
+
+
+def test_tied_checkpoint_without_lm_head_loads_and_matches(tmp_path):
+    hf, _ = make_tiny_hf_model(tmp_path, vocab_size=VOCAB, tie=True, seed=3)
+    stored = load_file(os.path.join(tmp_path, "model.safetensors"))
+    stored.pop("lm_head.weight", None)  # as the 3B hub checkpoint: no lm_head.weight at all
+    save_file(stored, os.path.join(tmp_path, "model.safetensors"))
+    model = Qwen2_5_VL.from_pretrained(str(tmp_path))
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    ids, mask, pv, grid = image_batch(seed=2)
+    with torch.no_grad():
+        out = model(ids, mask, pv, grid)
+    assert_logits_match(out, hf_forward(hf, ids, mask, pv, grid), mask)
+
+
+def test_untied_checkpoint_missing_lm_head_is_a_clear_error(untied, tmp_path):
+    _, src = untied
+    stored = load_file(os.path.join(src, "model.safetensors"))
+    del stored["lm_head.weight"]
+    stored["visual.extra.weight"] = torch.zeros(1)
+    save_file(stored, os.path.join(tmp_path, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f, open(os.path.join(tmp_path, "config.json"), "w") as g:
+        g.write(f.read())
+    with pytest.raises(ValueError, match=r"missing \(1\): \['lm_head.weight'\][\s\S]*model.visual.extra.weight"):
+        Qwen2_5_VL.from_pretrained(str(tmp_path))
+
+
+def test_our_save_pretrained_loads_in_transformers(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = preset("tiny", vocab_size=VOCAB, **IDS)
+    model = Qwen2_5_VL.from_config(cfg, seed=0).eval()
+    model.save_pretrained(str(tmp_path))
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids, mask, pv, grid = image_batch(seed=4)
+    with torch.no_grad():
+        out = model(ids, mask, pv, grid)
+    assert_logits_match(out, hf_forward(hf, ids, mask, pv, grid), mask)
+
+
+def test_image_token_count_mismatch_is_a_clear_error(ours):
+    ids, mask, pv, grid = image_batch()
+    ids[1, -1] = IMG  # one <|image_pad|> too many
+    with pytest.raises(ValueError, match="37 <|image_pad|> tokens"):
+        ours(ids, mask, pv, grid)
+
+
+def test_config_reads_flat_hub_layout_with_rope_scaling():
+    d = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+         "num_attention_heads": 16, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+         "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "tie_word_embeddings": True,
+         "vision_config": {"out_hidden_size": 2048, "in_chans": 3}}
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg == preset("qwen2.5-vl-3b")
+
+
+def test_token_logps_equal_log_softmax_gather_values_and_gradients(ours):
+    ids, mask, pv, grid = image_batch()
+    k, temp = 5, 0.7
+    ours.zero_grad()
+    logps = ours.token_logps(ids, mask, pv, grid, logits_to_keep=k, temperature=temp, chunk_size=3)
+    logps.sum().backward()
+    grads = [p.grad.clone() for p in ours.parameters()]
+    ours.zero_grad()
+    logits = ours(ids, mask, pv, grid)[:, -k - 1:-1] / temp  # [B, k, V]
+    ref = torch.log_softmax(logits, -1).gather(-1, ids[:, -k:, None]).squeeze(-1)
+    ref.sum().backward()
+    assert logps.shape == (2, k)
+    assert (logps - ref).abs().max().item() <= 1e-5
+    for g, p in zip(grads, ours.parameters()):
+        assert (g - p.grad).abs().max().item() <= 1e-5
+    ours.zero_grad()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(ours):
+    ids, mask, pv, grid = image_batch()
+    grads = []
+    for flag in (False, True):
+        ours.train()
+        ours.gradient_checkpointing = flag
+        ours.zero_grad()
+        ours(ids, mask, pv, grid)[mask.bool()].square().mean().backward()
+        grads.append([p.grad.clone() for p in ours.parameters()])
+    ours.gradient_checkpointing = False
+    ours.eval().zero_grad()
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_kv_cache_prefill_and_decode_match_full_forward(ours):
+    ids, mask, pv, grid = image_batch()
+    completion = torch.tensor([[7, 8, 9, 10], [11, 12, 13, 14]])  # [B, C]
+    full_ids = torch.cat([ids, completion], 1)
+    full_mask = torch.cat([mask, torch.ones_like(completion)], 1)
+    P, C = ids.shape[1], completion.shape[1]
+    with torch.no_grad():
+        full = ours(full_ids, full_mask, pv, grid)  # [B, P + C, V]
+        cache = KVCache.for_model(ours, rows=2, max_len=P + C)
+        _, deltas = ours.rope_index(ids, mask, grid)
+        steps = [ours(ids, mask, pv, grid, kv_cache=cache, logits_to_keep=1)]
+        for j in range(C - 1):  # feed completion token j, predict token j + 1
+            steps.append(ours(completion[:, j:j + 1], full_mask[:, :P + j + 1], kv_cache=cache,
+                              position_ids=decode_position_ids(deltas, cache.length, 1)))
+    assert cache.length == P + C - 1
+    assert (torch.cat(steps, 1) - full[:, P - 1:P + C - 1]).abs().max().item() <= 1e-4
+
+
+def test_kv_cache_repeat_rows_serves_g_samples_per_prompt(ours):
+    ids, mask, pv, grid = image_batch()
+    G, P = 3, ids.shape[1]
+    nxt = torch.tensor([[1], [2], [3], [4], [5], [6]])  # a different next token for each of B*G rows
+    with torch.no_grad():
+        cache = KVCache.for_model(ours, rows=2, max_len=P + 1)
+        _, deltas = ours.rope_index(ids, mask, grid)
+        ours(ids, mask, pv, grid, kv_cache=cache, logits_to_keep=1)
+        cache = cache.repeat_rows(G)
+        rep = lambda t: t.repeat_interleave(G, 0)
+        step = ours(nxt, torch.cat([rep(mask), torch.ones_like(nxt)], 1), kv_cache=cache,
+                    position_ids=decode_position_ids(rep(deltas), cache.length, 1))
+        # reference: full forwards of each row (images repeated per row in prompt order)
+        pv_rows = [pv[:24], pv[24:]]
+        ref = []
+        for r in range(2 * G):
+            b = r // G
+            row_ids = torch.cat([ids[b:b + 1], nxt[r:r + 1]], 1)
+            row_mask = torch.cat([mask[b:b + 1], torch.ones(1, 1, dtype=torch.long)], 1)
+            ref.append(ours(row_ids, row_mask, pv_rows[b], grid[b:b + 1])[:, -1:])
+    assert (step - torch.cat(ref)).abs().max().item() <= 1e-4
