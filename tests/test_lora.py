@@ -5,8 +5,7 @@ The stand-in base is transformers' tiny random Qwen2ForCausalLM: its decoder has
 """
 import copy
 import json
-import math
-import os
+import re
 
 import pytest
 import torch
@@ -335,3 +334,32 @@ def test_adapter_on_part_of_the_model_saves_a_target_regex_peft_follows(tmp_path
                     if len(getattr(m, "lora_A", {})) > 0}
     assert peft_wrapped == set(lora_layers(model)) and len(peft_wrapped) == 7
     torch.testing.assert_close(logits(peft_model), logits(model), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- our Qwen2.5-VL
+
+
+def test_apply_lora_on_our_qwen2_5_vl_wraps_seven_per_decoder_layer_and_no_vision(tmp_path):
+    vlm = pytest.importorskip("mrgr1.vlm", exc_type=ModuleNotFoundError)
+    from mrgr1.config import preset
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = vlm.Qwen2_5_VL.from_config(cfg).eval()
+    ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_logits = model(ids)
+    names = apply_lora(model, rank=RANK, alpha=ALPHA)  # defaults: the 7 targets under model.language_model
+    expected = {f"model.language_model.layers.{i}.{part}.{leaf}"
+                for i in range(cfg.text.num_hidden_layers)
+                for part, leaves in [("self_attn", LORA_TARGETS[:4]), ("mlp", LORA_TARGETS[4:])] for leaf in leaves}
+    assert set(names) == expected and len(names) == 7 * cfg.text.num_hidden_layers
+    assert not any(isinstance(m, LoRALinear) for m in model.model.visual.modules())
+    randomize_b(model)
+    with torch.no_grad(), adapters_disabled(model):
+        assert torch.equal(model(ids), base_logits)
+    # the vision MLP shares leaf names with the decoder, so the saved target_modules is a path regex
+    save_adapter(model, str(tmp_path))
+    pattern = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(pattern, str)
+    assert {n for n, _ in model.named_modules() if re.fullmatch(pattern, n)} == expected  # as PEFT matches
