@@ -363,13 +363,21 @@ def add(name, source, weights_dir="weights", *, manifest=None, log=print):
     missing = [p for p, (src, s) in wanted.items() if not s.get("optional") and not os.path.isfile(src)]
     if missing:
         raise WeightsError(f"add {name}: not found in {source}: {', '.join(missing)}")
+    placed = []
     for path, (src, _) in wanted.items():
         target = os.path.join(folder, path)
         if os.path.isfile(src) and not (os.path.exists(target) and os.path.samefile(src, target)):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             _link_or_copy(src, target)
+            placed.append(target)
     write_lock(folder, name, {})  # new files: forget any earlier record, then hash them all
-    verify(name, weights_dir, manifest=manifest, log=log)
+    try:
+        verify(name, weights_dir, manifest=manifest, log=log)
+    except WeightsError as err:
+        for target in placed:
+            os.remove(target)
+        raise WeightsError(f"add {name} from {source} failed; removed the {len(placed)} file(s) it had "
+                           f"placed in {folder}.\n{err}") from None
     return folder
 
 

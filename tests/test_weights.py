@@ -278,6 +278,7 @@ def test_add_rejects_a_wrong_file_and_a_missing_shard(tmp_path):
     wrong.write_text("not the vocabulary")
     with pytest.raises(WeightsError, match="size 18 bytes, expected 231508"):
         weights.add("bert-base-uncased-vocab", str(wrong), str(tmp_path / "w"), log=_quiet)
+    assert not (tmp_path / "w" / "bert-base-uncased-vocab" / "vocab.txt").exists()  # not left in place
     qwen = tmp_path / "qwen"
     qwen.mkdir()
     for name in ["config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"]:
