@@ -137,7 +137,8 @@ def loss_normalizer(mask: torch.Tensor, loss_type: str = "grpo", max_len: int | 
         return max(float(mask.sum()), 1.0)
     max_len = mask.shape[1] if max_len is None else max_len
     if max_len < mask.shape[1]:
-        raise ValueError(f"dr_grpo max_len ({max_len}) is shorter than the completions ({mask.shape[1]})")
+        raise ValueError(f"dr_grpo max_len ({max_len}) is shorter than the completions "
+                         f"({mask.shape[1]} tokens): pass max_new_tokens")
     return float(mask.shape[0] * max_len)
 
 

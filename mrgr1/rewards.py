@@ -186,15 +186,20 @@ def format_reward(completions: list[str]) -> torch.Tensor:
     return torch.tensor([float(_well_formed(c)) for c in completions])
 
 
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
 def extract_report(text: str) -> str:
     """The report a completion gives, to be judged on its content even when badly formatted.
 
-    - With `<report>`: the text after the first `<report>` up to `</report>` (or the end, if cut off).
-    - Without it: the completion with its think block removed: text after the last `</think>`,
-      and an unclosed `<think>` runs to the end (it was all thinking).
+    Think blocks `<think>...</think>` are removed first. Then:
+    - with `<report>`: the text after the first `<report>` up to `</report>` (or the end, if cut off);
+    - without it: the rest, after a stray `</think>` (thinking opened in the prompt) and before a
+      stray `<think>` (thinking cut off: it runs to the end).
     Examples: "<think>a</think><report> Normal. </report>" -> "Normal."
               "<think>a</think> Normal." -> "Normal.",  "Normal." -> "Normal.",  "<think>a" -> ""
     """
+    text = _THINK_BLOCK.sub(" ", text)
     if "<report>" in text:
         return text.split("<report>", 1)[1].split("</report>", 1)[0].strip()
     text = text.rsplit("</think>", 1)[-1]
@@ -209,7 +214,7 @@ def _label(labeler, reports: list[str]) -> torch.Tensor:
         got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"{type(labeler).__name__}.label() must return a LongTensor "
                          f"[{len(reports)}, {len(CONDITIONS)}] for {len(reports)} reports, got {got}")
-    return labels.long()
+    return labels.long().cpu()  # rewards are tiny: keep them on the CPU, whatever the labeler uses
 
 
 def reference_labels(study_ids: list, ref_reports: list[str], labeler, cache: dict) -> torch.Tensor:

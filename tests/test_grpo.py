@@ -115,7 +115,8 @@ def test_clipped_surrogate_branches_and_their_gradients(ratio, adv, loss, clippe
 
 
 def test_asymmetric_clip_uses_eps_high_above_and_eps_low_below():
-    # DAPO clip-higher: eps_low 0.2, eps_high 0.28 -> r = 1.25, A = 1 is inside, 1.3 is capped at 1.28
+    # DAPO clip-higher, eps_low 0.2, eps_high 0.28, A = 1:
+    # r = 1.25 is inside, 1.3 is capped at 1.28, 0.7 is below 1 - 0.2 but A > 0: not clipped
     out = clipped_surrogate(torch.tensor([[1.25, 1.3, 0.7]]), torch.tensor([1.0]), 0.2, 0.28)
     assert out.tolist()[0] == pytest.approx([-1.25, -1.28, -0.7], **close)
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from mrgr1.labels import BLANK, CONDITIONS, NEGATIVE, NO_FINDING, POSITIVE, UNCERTAIN
+from mrgr1.labels import BLANK, CONDITIONS, NEGATIVE, POSITIVE, UNCERTAIN
 from mrgr1.rewards import (ccs, ce_f1_reward, compute_rewards, extract_report, format_reward,
                            mccs, sentence_bleu, signed_vectors)
 
@@ -134,6 +134,8 @@ def test_format_reward_is_one_value_per_completion():
     ("reasoning</think> Small effusion.", "Small effusion."),            # think opened in prompt
     ("<think>still thinking when cut off", ""),                          # all thinking
     ("<think>a</think><report>x</report> trailing", "x"),
+    ("<think>I will write <report> here</think><report>x</report>", "x"),  # tag inside thinking
+    ("<report>x</report><think>a</think>", "x"),                         # wrong order
 ])
 def test_extract_report(text, report):
     assert extract_report(text) == report
@@ -186,9 +188,12 @@ def test_sentence_bleu_extremes():
 def test_sentence_bleu_matches_nltk_method2_when_available():
     # NLTK's smoothing method 2 is the same Lin & Och add-one for n >= 2 (oracle, test-only)
     nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
-    pairs = [("the heart size is normal . no effusion .", "heart size normal . no pleural effusion ."),
-             ("mild cardiomegaly with small left effusion", "cardiomegaly . small left pleural effusion"),
-             ("lungs are clear", "the lungs are clear . no pneumothorax")]
+    pairs = [("the heart size is normal . no effusion .",
+              "heart size normal . no pleural effusion ."),
+             ("mild cardiomegaly with small left effusion",
+              "cardiomegaly . small left pleural effusion"),
+             ("lungs are clear", "the lungs are clear . no pneumothorax"),
+             ("effusion effusion effusion . heart", "small effusion . normal heart")]
     smooth = nltk_bleu.SmoothingFunction().method2
     for hyp, ref in pairs:
         expected = nltk_bleu.sentence_bleu([ref.split()], hyp.split(), smoothing_function=smooth)
