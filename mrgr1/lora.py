@@ -329,7 +329,8 @@ def load_adapter(model: nn.Module, folder: str) -> list[str]:
 
     A model without LoRA layers gets exactly the layers named in the file (rank, alpha, dropout from
     the config). A model that already has LoRA layers (apply_lora) must match the file exactly:
-    same modules, same rank; anything else is an error naming the keys.
+    same modules, same rank (alpha is taken from the file); anything else is an error naming the keys.
+    Paths of the older Qwen2.5-VL hub layout (`model.layers.*`, `visual.*`) are mapped when absent.
     """
     config = read_adapter_config(folder)
     weights = _read_adapter_weights(folder, model)

@@ -363,3 +363,18 @@ def test_apply_lora_on_our_qwen2_5_vl_wraps_seven_per_decoder_layer_and_no_visio
     pattern = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
     assert isinstance(pattern, str)
     assert {n for n, _ in model.named_modules() if re.fullmatch(pattern, n)} == expected  # as PEFT matches
+
+
+def test_adapter_saved_on_the_older_hub_layout_loads_into_the_new_one(tmp_path):
+    def q_only():
+        return nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"self_attn": nn.ModuleDict({"q_proj": nn.Linear(4, 4)})})])})
+
+    old, new = nn.Module(), nn.Module()
+    old.model = q_only()  # model.layers.0.self_attn.q_proj
+    new.model = nn.ModuleDict({"language_model": q_only()})  # model.language_model.layers.0.self_attn.q_proj
+    apply_lora(old, rank=2, alpha=2, only_under="model")
+    randomize_b(old)
+    save_adapter(old, str(tmp_path))
+    assert load_adapter(new, str(tmp_path)) == ["model.language_model.layers.0.self_attn.q_proj"]
+    assert torch.equal(new.model.language_model.layers[0].self_attn.q_proj.lora_B.weight,
+                       old.model.layers[0].self_attn.q_proj.lora_B.weight)
