@@ -1,0 +1,227 @@
+"""Batched sampling with a KV cache: the rollout engine of GRPO.
+
+Every GRPO step samples G completions for each of B prompts, and that sampling is
+most of the wall time. This generator
+
+1. prefills each prompt (its images included) ONCE into a preallocated KV cache
+   (`mrgr1.language.KVCache`, sized prompt + max_new_tokens), asking the model for the
+   logits of the last position only;
+2. copies each prompt's cache row G times (`KVCache.repeat_rows`): the vision tower and
+   the prompt never run G times;
+3. decodes one token per step for all B*G rows at once, each row at its own M-RoPE
+   position (1 + the largest position of its prompt, + the step), sampling with
+   temperature / top-k / top-p from an optional `torch.Generator`;
+4. stops a row at any of `eos_token_ids` (the EOS token is kept and masked 1, later
+   columns are `pad_token_id` and masked 0) and stops the loop once every row is done.
+
+Batches are left padded (as `mrgr1.processing.Processor` makes them): every row's last
+prompt token sits in the same column, so one cache length serves all rows, and a prompt
+gives the same completion inside a padded batch as alone.
+
+The function vocabulary (`prefill`, `decode_one_token`, `logits_to_probs`, `sample`)
+follows gpt-fast (github.com/pytorch-labs/gpt-fast, generate.py); the code is ours.
+The position rule is the one of Qwen2.5-VL (arXiv 2502.13923): text after the last image
+continues from the largest position used so far, on all three M-RoPE axes.
+
+Example:
+    >>> batch = processor(prompts, images)                     # left padded
+    >>> completions, mask = generate(model, batch["input_ids"], batch["attention_mask"],
+    ...     batch["pixel_values"], batch["image_grid_thw"], max_new_tokens=256,
+    ...     num_samples=8, temperature=1.0, eos_token_ids=(151645,), pad_token_id=151643,
+    ...     generator=torch.Generator().manual_seed(0))
+    >>> completions.shape, mask.shape                           # row i is from prompt i // 8
+    (torch.Size([B * 8, 256]), torch.Size([B * 8, 256]))
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mrgr1.language import KVCache
+
+# How often (in decode steps) the loop asks "is every row done?". Asking is a host-device
+# sync, which on a GPU stalls the queue of kernels the CPU has launched ahead; on the CPU it
+# costs nothing. A few wasted steps at the end are cheaper than a sync per step on a GPU.
+STOP_CHECK_EVERY_ON_ACCELERATOR = 8
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest of its row to -inf. [R, V] -> [R, V]."""
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[:, -1:]   # [R, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose mass reaches p.
+
+    A token is dropped when the tokens ranked above it already hold >= p of the mass, so
+    the most likely token always stays. Example, probs [0.5, 0.3, 0.2], p = 0.7: masses
+    above = [0, 0.5, 0.8] -> keep the first two. [R, V] -> [R, V].
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)         # [R, V]
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs                    # [R, V]
+    drop_sorted = mass_above >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)      # vocab order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
+                    top_p: float = 1.0) -> torch.Tensor:
+    """pi(. | context) = softmax(filter(logits / T)) in float32; filter = top-k then top-p
+    (the order transformers uses). temperature > 0. [R, V] -> [R, V]."""
+    logits = logits.float() / temperature
+    if top_k > 0:
+        logits = keep_top_k(logits, top_k)
+    if top_p < 1.0:
+        logits = keep_top_p(logits, top_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One categorical draw per row by an exponential race: argmax_i p_i / E_i with
+    E_i ~ Exp(1) picks i with probability p_i, and needs no host sync (unlike
+    torch.multinomial on a GPU). [R, V] -> [R]."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    # Exp(1) can return exactly 0 on some backends; 0/0 would be NaN and win argmax.
+    return (probs / race.clamp_min_(1e-20)).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """Next token of each row: argmax when temperature == 0, else a draw from
+    logits_to_probs. [R, V] -> [R]."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return draw(logits_to_probs(logits, temperature, top_k, top_p), generator)
+
+
+def sampled_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[token], T = 1 when greedy; unfiltered by top-k / top-p, so it
+    equals `model.token_logps(..., temperature=T)` of the finished sequence. [R, V] -> [R]."""
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def prefill(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+            position_ids, cache: KVCache) -> torch.Tensor:
+    """Run the prompts (images included) through the model once, filling `cache`.
+    input_ids [B, P] -> logits of each prompt's last position [B, V]."""
+    logits = model(input_ids, attention_mask, pixel_values, image_grid_thw,
+                   position_ids=position_ids, kv_cache=cache, logits_to_keep=1)  # [B, 1, V]
+    return logits[:, -1]
+
+
+def decode_one_token(model, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                     positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One cached step for every row: tokens [R] at M-RoPE positions [R] (a text token has
+    t = h = w), attention_mask [R, cache.length + 1] -> next-token logits [R, V]."""
+    position_ids = positions.view(1, -1, 1).expand(3, -1, 1)                    # [3, R, 1]
+    logits = model(tokens[:, None], attention_mask, position_ids=position_ids,
+                   kv_cache=cache, logits_to_keep=1)                             # [R, 1, V]
+    return logits[:, -1]
+
+
+def first_new_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each prompt's first generated token: 1 + the largest M-RoPE position of
+    its real (unpadded) tokens, on any axis. position_ids [3, B, P] -> [B].
+    Example: 'a <img 2x2 merged> b' has positions t/h/w a=0, img=1..2, b=3 -> next is 4."""
+    real = attention_mask.bool()[None]                                           # [1, B, P]
+    return position_ids.masked_fill(~real, 0).amax(dim=(0, 2)) + 1
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def check_inputs(input_ids, attention_mask, max_new_tokens, num_samples, temperature,
+                 top_p, top_k, generator) -> None:
+    """Errors that say what was wrong and what to do, before any compute."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"generate: input_ids {tuple(input_ids.shape)} and attention_mask "
+                         f"{tuple(attention_mask.shape)} must both be [batch, prompt_len]")
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("generate: the prompts must be LEFT padded (attention_mask[:, -1] "
+                         "must be 1 in every row); build the batch with Processor, which "
+                         "left pads")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError(f"generate: max_new_tokens ({max_new_tokens}) and num_samples "
+                         f"({num_samples}) must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"generate: need temperature >= 0 (0 = greedy), 0 < top_p <= 1, "
+                         f"top_k >= 0 (0 = off); got {temperature}, {top_p}, {top_k}")
+    if generator is not None and generator.device.type != input_ids.device.type:
+        raise ValueError(f"generate: the generator is on {generator.device} but the inputs "
+                         f"are on {input_ids.device}; make it with torch.Generator("
+                         f"device={str(input_ids.device)!r})")
+
+
+@torch.no_grad()  # not inference_mode: the completions feed the training forward later
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+             *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_token_ids: Sequence[int] = (),
+             pad_token_id: int | None = None, generator: torch.Generator | None = None,
+             return_logps: bool = False):
+    """Sample `num_samples` (G) completions for each of the B left-padded prompts.
+
+    input_ids, attention_mask [B, P]; pixel_values [N_patches, C*T*p*p] and image_grid_thw
+    [N_images, 3] as the model takes them. temperature 0 is greedy; top_k 0 and top_p 1
+    are off. pad_token_id fills the columns after EOS (default: the first EOS id, else 0).
+
+    Returns the tuple (completions, mask), or (completions, mask, logps) with return_logps:
+      completions [B*G, max_new_tokens] long, row i belongs to prompt i // G;
+      mask        [B*G, max_new_tokens] long, 1 for generated tokens up to and including EOS;
+      logps       [B*G, max_new_tokens] float32, log softmax(logits / T) of each sampled
+                  token (T = 1 when greedy), before top-k / top-p filtering: the same
+                  quantity as `model.token_logps(..., temperature=T)`; 0 where mask is 0.
+    """
+    check_inputs(input_ids, attention_mask, max_new_tokens, num_samples, temperature,
+                 top_p, top_k, generator)
+    device, (batch, prompt_len) = input_ids.device, input_ids.shape
+    rows, total_len = batch * num_samples, prompt_len + max_new_tokens
+    if pad_token_id is None:
+        pad_token_id = eos_token_ids[0] if len(eos_token_ids) else 0
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else STOP_CHECK_EVERY_ON_ACCELERATOR
+
+    was_training = model.training
+    model.eval()
+    try:
+        # Prefill the B prompts once, then give each prompt's cache row to its G samples.
+        position_ids, _ = model.rope_index(input_ids, attention_mask, image_grid_thw)  # [3, B, P]
+        cache = KVCache.for_model(model, batch, total_len, device=device)
+        logits = prefill(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+                         position_ids, cache)                                   # [B, V]
+        cache = cache.repeat_rows(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)                   # [B*G, V]
+        positions = first_new_positions(position_ids, attention_mask)
+        positions = positions.repeat_interleave(num_samples)                    # [B*G]
+        full_mask = torch.cat([attention_mask.repeat_interleave(num_samples, dim=0),
+                               attention_mask.new_ones(rows, max_new_tokens)], dim=1)  # [B*G, P+N]
+
+        completions = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long,
+                                 device=device)
+        mask = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+        logps = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            tokens = sample(logits, temperature, top_k, top_p, generator)         # [B*G]
+            tokens = tokens.masked_fill(done, pad_token_id)
+            completions[:, step] = tokens
+            mask[:, step] = (~done).long()
+            if return_logps:
+                logps[:, step] = sampled_logps(logits, tokens, temperature).masked_fill(done, 0.0)
+            done |= torch.isin(tokens, eos)
+            last = step == max_new_tokens - 1
+            if last or ((step + 1) % check_every == 0 and bool(done.all())):
+                break
+            logits = decode_one_token(model, tokens, full_mask[:, :prompt_len + step + 1],
+                                      positions + step, cache)                   # [B*G, V]
+    finally:
+        model.train(was_training)
+    return (completions, mask, logps) if return_logps else (completions, mask)
