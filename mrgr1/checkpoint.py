@@ -1,0 +1,141 @@
+"""Training checkpoints: atomic on disk, exact on resume, safe to load.
+
+A checkpoint is a folder `<output_dir>/checkpoint-<step>/` holding
+    adapter_config.json + adapter_model.safetensors   (LoRA, PEFT's layout: peft loads it)
+    or model.safetensors                              (full fine-tuning)
+    trainer_state.pt    optimizer, scheduler, step, data position, RNG states: tensors and plain
+                        Python values only, so it loads with torch.load(weights_only=True)
+    train_config.json   the flags of the run, for a human and for the resume check
+It is first written as `.checkpoint-<step>.tmp/` and then renamed, and `<output_dir>/latest`
+(written the same way) names the newest complete one: a crash while saving leaves the previous
+checkpoint and the `latest` pointer intact.
+
+Example:
+    save_checkpoint("runs/x", step=10, model=model, optimizer=opt, scheduler=sched,
+                    trainer_state={"epoch": 0, "batch": 10, "rng": rng_states(gen)}, config=vars(args))
+    ckpt = find_latest("runs/x"); state = load_checkpoint(ckpt, model, opt, sched)
+"""
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import lora
+
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "train_config.json"
+MODEL_FILE = "model.safetensors"
+LATEST_FILE = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is missing, partial or from another run."""
+
+
+def rng_states(generator: torch.Generator | None = None) -> dict:
+    """Every random state a resumed run needs to draw the same numbers again."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        states["rollout"] = generator.get_state()
+    return states
+
+
+def restore_rng_states(states: dict, generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if generator is not None and "rollout" in states:
+        generator.set_state(states["rollout"])
+
+
+def _write_weights(model: torch.nn.Module, folder: str) -> None:
+    if lora.lora_layers(model):
+        lora.save_adapter(model, folder)
+    else:  # full fine-tuning: every parameter (clone: tied embeddings share storage)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(folder, MODEL_FILE))
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(output_dir: str, *, step: int, model, optimizer, scheduler,
+                    trainer_state: dict, config: dict) -> str:
+    """Write `<output_dir>/checkpoint-<step>/` atomically and point `latest` at it; returns its path."""
+    name = f"checkpoint-{step:06d}"
+    final, tmp = os.path.join(output_dir, name), os.path.join(output_dir, f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    _write_weights(model, tmp)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             **trainer_state}
+    torch.save(state, os.path.join(tmp, STATE_FILE))
+    with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, default=str)
+    if os.path.exists(final):  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write_text(os.path.join(output_dir, LATEST_FILE), name + "\n")
+    return final
+
+
+def find_latest(output_dir: str) -> str | None:
+    """The newest complete checkpoint of a run, or None when it has none yet."""
+    pointer = os.path.join(output_dir, LATEST_FILE)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer, encoding="utf-8") as f:
+        folder = os.path.join(output_dir, f.read().strip())
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{pointer} names {folder}, which does not exist: the run folder was "
+                              f"edited by hand; point it at an existing checkpoint-* folder")
+    return folder
+
+
+def read_config(folder: str) -> dict:
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder} is not an mrgr1 checkpoint: {CONFIG_FILE} is missing")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_checkpoint(folder: str, model, optimizer=None, scheduler=None) -> dict:
+    """Restore weights (and optimizer / scheduler when given) from `folder`; return its trainer state."""
+    state_path = os.path.join(folder, STATE_FILE)
+    if not os.path.exists(state_path):
+        raise CheckpointError(f"{folder} is not a complete mrgr1 checkpoint ({STATE_FILE} is "
+                              f"missing); resume from the folder named in the run's `latest` file")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupted, or holding objects that weights_only refuses
+        raise CheckpointError(f"cannot read {state_path}: {e}") from e
+    if lora.lora_layers(model):
+        if not os.path.exists(os.path.join(folder, lora.CONFIG_FILE)):
+            raise CheckpointError(f"{folder} holds no LoRA adapter but the model has LoRA layers: "
+                                  f"resume with the same --lora-rank as the run that wrote it")
+        lora.load_adapter(model, folder)
+    else:
+        path = os.path.join(folder, MODEL_FILE)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{folder} holds a LoRA adapter, not {MODEL_FILE}: resume with "
+                                  f"LoRA enabled, as in the run that wrote it")
+        missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return state

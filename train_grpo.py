@@ -1,0 +1,303 @@
+"""Train a report generator with GRPO on a clinical reward: MRG-R1 (arXiv 2512.16145).
+
+    python train_grpo.py --dataset demo                 # the embedded demo, CPU, a few minutes
+    python train_grpo.py --dataset iu_xray --policy huatuogpt-vision-7b --labeler chexbert \
+        --dtype bfloat16 --grad-checkpointing --output-dir runs/iu_xray
+
+One step, top to bottom (see mrgr1/trainer.py for each piece):
+    B studies -> G completions each (KV-cache sampler) -> reward 0.75 MCCS + 0.25 format
+    -> group-relative advantages -> clipped policy-gradient loss + beta * KL to the reference
+    (the same network with its LoRA adapters off) -> AdamW.
+The demo first warm-starts the untrained tiny model with teacher-forced SFT (`--sft-steps`), then
+prints the clinical efficacy (CE-F1) on the demo test split before and after GRPO.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from mrgr1 import checkpoint, data, lora, pipeline, trainer
+from mrgr1.metrics import format_table
+
+# Defaults that differ between the demo (tiny model, CPU, minutes) and a real run. None of the real
+# values below is published by the paper except the reward weights; they are ours (see README).
+DEMO = dict(policy="tiny", labeler="rules", num_generations=8, max_new_tokens=64, temperature=1.0,
+            lr=2e-3, beta=0.0, batch_size=8, steps=40, lora_rank=16, lora_alpha=32,
+            sft_steps=150, sft_lr=3e-3, sft_batch_size=16, save_every=20, eval_limit=100)
+REAL = dict(policy="huatuogpt-vision-7b", labeler="chexbert", num_generations=8, max_new_tokens=256,
+            temperature=1.0, lr=1e-5, beta=0.04, batch_size=4, steps=1000, lora_rank=64,
+            lora_alpha=128, sft_steps=0, sft_lr=1e-5, sft_batch_size=4, save_every=100, eval_limit=200)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="demo", choices=data.DATASETS)
+    a("--data-root", default=None, help="default data/<dataset>")
+    a("--all-images", action="store_true", help="MIMIC-CXR: every image of a study, not the first")
+    a("--policy", default=None, help="tiny | a preset in weights_manifest.json | an HF model folder")
+    a("--weights-dir", default="weights")
+    a("--labeler", default=None, choices=("chexbert", "rules"), help="reward/eval labeler")
+    a("--chexbert-weights", default=None, help="chexbert.pth or .safetensors (default: weights/chexbert)")
+    a("--reward", default="mccs", choices=("mccs", "ce_f1", "bleu"), help="content reward (paper: mccs)")
+    a("--reward-weights", default="0.75,0.25", help="content,format weights (paper: 0.75,0.25)")
+    a("--mccs-margin", type=float, default=0.5, help="m in MCCS (ours: 0.5)")
+    a("--num-generations", type=int, default=None, help="G completions per study")
+    a("--max-new-tokens", type=int, default=None)
+    a("--temperature", type=float, default=None)
+    a("--top-p", type=float, default=1.0)
+    a("--lr", type=float, default=None)
+    a("--weight-decay", type=float, default=0.0)
+    a("--warmup-ratio", type=float, default=0.05)
+    a("--max-grad-norm", type=float, default=1.0)
+    a("--beta", type=float, default=None, help="KL weight; 0 skips the reference policy")
+    a("--epsilon", type=float, default=0.2, help="clip range: r >= 1 - epsilon")
+    a("--epsilon-high", type=float, default=None, help="clip range: r <= 1 + epsilon_high (default epsilon)")
+    a("--loss-type", default="grpo", choices=("grpo", "bnpo", "dapo", "dr_grpo"))
+    a("--scale-rewards", default="group", choices=("group", "batch", "none"))
+    a("--mask-truncated", action="store_true", help="drop completions without EOS from the loss")
+    a("--num-iterations", type=int, default=1, help="updates per batch of rollouts (mu)")
+    a("--batch-size", type=int, default=None, help="studies per step (B); rollouts per step = B*G")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--steps", type=int, default=None, help="GRPO steps (overrides --epochs)")
+    a("--epochs", type=float, default=None, help="passes over the training split")
+    a("--lora-rank", type=int, default=None, help="0 = full fine-tuning (tiny model only)")
+    a("--lora-alpha", type=float, default=None)
+    a("--lora-dropout", type=float, default=0.0)
+    a("--sft-steps", type=int, default=None, help="teacher-forced warm-start steps before GRPO")
+    a("--sft-lr", type=float, default=None)
+    a("--sft-batch-size", type=int, default=None)
+    a("--eval-limit", type=int, default=None, help="test studies scored before/after GRPO (0 = skip)")
+    a("--dtype", default="float32", choices=tuple(pipeline.DTYPES))
+    a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    a("--grad-checkpointing", action="store_true")
+    a("--seed", type=int, default=0)
+    a("--output-dir", default=None, help="default runs/<dataset>")
+    a("--save-every", type=int, default=None)
+    a("--sample-every", type=int, default=10, help="print a sample completion every N steps")
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    args = p.parse_args(argv)
+    for key, value in (DEMO if args.dataset == "demo" else REAL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
+    return args
+
+
+def grpo_config(args) -> trainer.GRPOConfig:
+    content, fmt = (float(w) for w in args.reward_weights.split(","))
+    return trainer.GRPOConfig(
+        num_generations=args.num_generations, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, beta=args.beta, epsilon=args.epsilon,
+        epsilon_high=args.epsilon_high, loss_type=args.loss_type, scale_rewards=args.scale_rewards,
+        num_iterations=args.num_iterations, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
+        mask_truncated=args.mask_truncated, reward_kind=args.reward,
+        reward_weights={args.reward: content, "format": fmt}, mccs_margin=args.mccs_margin)
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warmup then cosine decay to 0, per optimizer step."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model, lr, weight_decay, total_steps, warmup_ratio):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return optimizer, warmup_cosine(optimizer, total_steps, warmup_ratio)
+
+
+# ----------------------------------------------------------------------------- phases
+
+def prepare_policy(args, train_studies, device):
+    """The policy GRPO starts from: a pretrained one, or (demo) the tiny model after SFT.
+
+    The SFT result is saved as an HF folder (<output_dir>/sft) and becomes the base: GRPO's
+    reference policy is that SFT model, and a resumed run reloads it instead of training again."""
+    sft_dir = os.path.join(args.output_dir, "sft")
+    if args.sft_steps > 0 and os.path.isfile(os.path.join(sft_dir, "config.json")):
+        return pipeline.load_policy(sft_dir, dtype=args.dtype, device=device)
+    if args.policy == "tiny":
+        pipeline.tiny_policy_folder(os.path.join(args.output_dir, "init"),
+                                    [s.report for s in train_studies], seed=args.seed)
+        start = os.path.join(args.output_dir, "init")
+    else:
+        start = args.policy
+    model, processor = pipeline.load_policy(start, weights_dir=args.weights_dir, dtype=args.dtype, device=device)
+    if args.sft_steps > 0:
+        run_sft(args, model, processor, train_studies)
+        model.save_pretrained(sft_dir)
+        processor.save_pretrained(sft_dir)
+    return model, processor
+
+
+def run_sft(args, model, processor, studies):
+    """Teacher-forced MLE on the reference reports in the target format (full fine-tuning for
+    the tiny model, LoRA merged back into the weights for a pretrained one)."""
+    use_lora = args.policy != "tiny"
+    if use_lora:
+        lora.apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    optimizer, scheduler = make_optimizer(model, args.sft_lr, args.weight_decay, args.sft_steps, args.warmup_ratio)
+    eos, _ = pipeline.eos_and_pad(processor)
+    bar = tqdm(range(args.sft_steps), desc="SFT", dynamic_ncols=True)
+    epoch, batches = 0, []
+    for _ in bar:
+        if not batches:
+            batches = data.batch_indices(len(studies), args.sft_batch_size, args.seed + 1000, epoch, drop_last=True)
+            epoch += 1
+        batch = [studies[i] for i in batches.pop(0)]
+        loss = trainer.sft_step(model, processor, batch, optimizer, scheduler, eos_token_id=eos[0],
+                                max_grad_norm=args.max_grad_norm)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    if use_lora:
+        lora.merge_lora(model)
+    model.requires_grad_(True)
+
+
+def evaluate_ce(args, model, processor, labeler, studies, title) -> dict:
+    eos, pad = pipeline.eos_and_pad(processor)
+    texts = trainer.generate_reports(model, processor, studies, max_new_tokens=args.max_new_tokens,
+                                     eos_token_ids=eos, pad_token_id=pad)
+    scores = trainer.ce_of_texts(texts, studies, labeler)
+    print(f"\n{title}: CE-F1 (micro, R2GenCMN convention) {scores['ce_micro/f1']:.4f} | "
+          f"CE-F1 (example, PromptMRG) {scores['ce_example/f1']:.4f} on {len(studies)} studies")
+    return scores
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = pipeline.pick_device(args.device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    resume_from = checkpoint.find_latest(args.output_dir) if args.resume else None
+    if args.resume and resume_from is None:
+        raise checkpoint.CheckpointError(f"--resume: no checkpoint in {args.output_dir} (its `latest` "
+                                         f"file is missing); run without --resume to start")
+
+    # Everything that can be missing is checked before any work.
+    train_studies = pipeline.load_studies(args.dataset, args.data_root, "train", all_images=args.all_images)
+    test_studies = pipeline.load_studies(args.dataset, args.data_root, "test",
+                                         all_images=args.all_images)[:args.eval_limit]
+    labeler = pipeline.build_labeler(args.labeler, args.chexbert_weights, args.weights_dir, device)
+    if args.policy != "tiny":
+        pipeline.weights.resolve_policy(args.policy, args.weights_dir)
+
+    model, processor = prepare_policy(args, train_studies, device)
+    model.gradient_checkpointing = args.grad_checkpointing
+    results = {}
+    if args.eval_limit and resume_from is None:
+        results["before"] = evaluate_ce(args, model, processor, labeler, test_studies, "before GRPO")
+
+    # ---- GRPO: adapters on the (SFT) policy; the reference is the same network, adapters off
+    ref_model = None
+    if args.lora_rank > 0:
+        lora.apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    elif args.beta != 0:
+        ref_model = lora.frozen_copy(model)
+    cfg = grpo_config(args)
+    steps = args.steps if args.epochs is None else int(args.epochs * len(train_studies) // args.batch_size)
+    optimizer, scheduler = make_optimizer(model, args.lr, args.weight_decay, steps * args.num_iterations,
+                                          args.warmup_ratio)
+    rollout_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    state = {"step": 0, "epoch": 0, "batch": 0}
+    if resume_from:
+        state = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler)
+        checkpoint.restore_rng_states(state["rng"], rollout_gen)
+        print(f"resumed from {resume_from} at step {state['step']}")
+    eos, pad = pipeline.eos_and_pad(processor)
+    reward_cache = {}
+    log_path = os.path.join(args.output_dir, "metrics.jsonl")
+
+    def save(step):
+        return checkpoint.save_checkpoint(
+            args.output_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+            trainer_state={"epoch": state["epoch"], "batch": state["batch"],
+                           "rng": checkpoint.rng_states(rollout_gen)}, config=vars(args))
+
+    interrupted = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping")
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    bar = tqdm(range(state["step"], steps), desc="GRPO", dynamic_ncols=True, initial=state["step"], total=steps)
+    try:
+        for step in bar:
+            batches = data.batch_indices(len(train_studies), args.batch_size, args.seed, state["epoch"],
+                                         drop_last=True)
+            if state["batch"] >= len(batches):
+                state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                batches = data.batch_indices(len(train_studies), args.batch_size, args.seed, state["epoch"],
+                                             drop_last=True)
+            studies = [train_studies[i] for i in batches[state["batch"]]]
+            state["batch"] += 1
+            t0 = time.time()
+            rollout = trainer.collect_rollout(model, processor, studies, labeler, cfg, rollout_gen,
+                                              ref_model=ref_model, reward_cache=reward_cache,
+                                              eos_token_ids=eos, pad_token_id=pad)
+            stats = {"step": step + 1, **trainer.rollout_stats(rollout, cfg),
+                     **trainer.grpo_update(model, rollout, optimizer, scheduler, cfg),
+                     "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(stats) + "\n")
+            bar.set_postfix(reward=f"{stats['reward']:.3f}", mccs=f"{stats.get('rewards/mccs/mean', 0):.3f}",
+                            kl=f"{stats.get('kl', 0):.4f}", len=f"{stats['completions/mean_length']:.0f}")
+            if args.sample_every and (step + 1) % args.sample_every == 0:
+                tqdm.write(f"[step {step + 1}] reward {rollout.rewards[0]:.3f}: {rollout.texts[0][:300]}")
+            if (step + 1) % args.save_every == 0 or step + 1 == steps or interrupted:
+                save(step + 1)
+            if interrupted:
+                print(f"stopped at step {step + 1}; continue with --resume")
+                return results
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+    if lora.lora_layers(model):
+        lora.save_adapter(model, os.path.join(args.output_dir, "final"), base_model_name_or_path=args.policy)
+    if args.eval_limit:
+        results["after"] = evaluate_ce(args, model, processor, labeler, test_studies, "after GRPO")
+        print(format_table(results["after"]))
+    plot_curves(log_path, os.path.join(args.output_dir, "curves.png"))
+    return results
+
+
+def plot_curves(log_path: str, out: str) -> None:
+    """Reward, KL and completion length per step as a PNG, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    with open(log_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    for ax, key in zip(axes, ("reward", "kl", "completions/mean_length")):
+        ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
