@@ -125,13 +125,16 @@ class BertLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, nh, T, H / nh]
+        B, T, H = t.shape
+        return t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)
+
     def attention(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """softmax(Q K^T / sqrt(d) + mask) V over all heads; keep [B, 1, 1, T] is True on real tokens."""
         B, T, H = x.shape
-        split = lambda t: t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)  # [B, nh, T, hd]
+        q, k, v = (self.split_heads(proj(x)) for proj in (self.query, self.key, self.value))  # [B, nh, T, hd]
         p = self.dropout.p if self.training else 0.0
-        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)),
-                                             attn_mask=keep, dropout_p=p)  # [B, nh, T, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)  # [B, nh, T, hd]
         return self.attn_out(out.transpose(1, 2).reshape(B, T, H))  # [B, T, H]
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # [B, T, H]
