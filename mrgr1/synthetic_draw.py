@@ -22,7 +22,7 @@ HEART_RX = {None: 0.14, "mild": 0.195, "moderate": 0.225}  # half-width of the h
 HEART_CY, HEART_CX, HEART_RY = 0.56, 0.55, 0.12
 MEDIASTINUM_HALF_WIDTH = 0.065                 # upper mediastinum; widened by +0.06
 EFFUSION_HEIGHT = {"small": 0.12, "moderate": 0.2, "large": 0.3}
-PTX_RIM = {"small": 0.16, "moderate": 0.26}     # rim width, in units of the lung's radius
+PTX_RIM = {"small": 0.2, "moderate": 0.3}     # rim width, in units of the lung's radius
 
 
 def _grid(size: int):
@@ -136,7 +136,7 @@ def _draw_frontal_finding(img, yy, xx, lungs, f, rng):
             r = _ellipse(yy, xx, LUNG_CY, cx, LUNG_RY, LUNG_RX)
             top = lung & (yy < LUNG_CY + 0.05)
             img = _blend(img, top & (r > 1 - PTX_RIM[f.size]), 0.02, s)
-            img = _blend(img, top & (np.abs(r - 1 + PTX_RIM[f.size]) < 0.035), 0.4, s)
+            img = _blend(img, top & (np.abs(r - 1 + PTX_RIM[f.size]) < 0.02), 0.32, s)
         elif obs == "Consolidation":
             d = _ellipse(yy, xx, ZONE_Y[f.zone], cx + lateral * 0.03, 0.085, 0.075)
             img = img + s * 0.32 * np.clip((1 - d) * 4, 0, 1) * lung
