@@ -1,0 +1,264 @@
+"""evaluate.py: predictions + metrics files, scoring a predictions file, resume, adapters, clean errors.
+
+A tiny drawn demo set (5 test studies, 56 px) and an untrained `tiny` Qwen2.5-VL keep it fast; the
+CE / NLG numbers are checked against mrgr1.metrics called directly on the same labels and texts
+(the metrics themselves are tested against hand-worked values in test_metrics.py).
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import evaluate
+from mrgr1 import lora, pipeline, synthetic, trainer
+from mrgr1.labels import RuleLabeler
+from mrgr1.metrics import ce_scores, nlg_scores
+from mrgr1.processing import train_demo_tokenizer
+from mrgr1.config import preset
+from mrgr1.vlm import Qwen2_5_VL
+
+N_TEST = 5
+
+
+def _tiny_policy(folder, reports):
+    """pipeline.tiny_policy_folder, inlined: as of 2608ca8 it passes the tokenizer.json *file* path
+    to train_demo_tokenizer, which expects a folder, and fails. Same three steps, right path."""
+    texts = reports + [trainer.SYSTEM_PROMPT, trainer.INSTRUCTION, trainer.SFT_THINK,
+                       "<think></think><report></report>"]
+    proc = train_demo_tokenizer(texts, path=folder)
+    Qwen2_5_VL.from_config(preset("tiny", **proc.model_overrides()), seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(data root, policy folder) shared by the tests of this file."""
+    root = tmp_path_factory.mktemp("eval")
+    data_root = synthetic.generate(str(root / "demo"), n_train=6, n_val=0, n_test=N_TEST, image_size=56)
+    reports = [s.report for s in pipeline.load_studies("demo", data_root, "train")]
+    return data_root, _tiny_policy(str(root / "policy"), reports)
+
+
+def _model_args(demo, out, *extra):
+    data_root, policy = demo
+    return ["--dataset", "demo", "--data-root", data_root, "--policy", policy, "--labeler", "rules",
+            "--batch-size", "2", "--max-new-tokens", "8", "--device", "cpu", "--output-dir", str(out), *extra]
+
+
+def _lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _exit_message(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def full_run(demo, tmp_path_factory):
+    """One complete evaluation: (output folder, metrics it returned)."""
+    out = tmp_path_factory.mktemp("full")
+    return out, evaluate.main(_model_args(demo, out))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_run_writes_predictions_and_metrics(full_run):
+    out, scores = full_run
+    records = _lines(out / "predictions.jsonl")
+    assert [r["id"] for r in records] == [f"demo_test_{i:05d}" for i in range(N_TEST)]
+    labeler = RuleLabeler()
+    for r in records:
+        assert set(r) == {"id", "reference", "generated", "report", "report_labels", "reference_labels"}
+        assert r["report_labels"] == labeler.label([r["report"]])[0].tolist()
+        assert r["reference_labels"] == labeler.label([r["reference"]])[0].tolist()
+    with open(out / "metrics.json", encoding="utf-8") as f:
+        assert json.load(f) == json.loads(json.dumps(scores))
+    expected = ce_scores(torch.tensor([r["report_labels"] for r in records]),
+                         torch.tensor([r["reference_labels"] for r in records]))
+    expected.update(nlg_scores([r["report"] for r in records], [r["reference"] for r in records]))
+    for key, value in expected.items():
+        assert scores[key] == pytest.approx(value) if key != "per_observation" else scores[key] == value
+    assert 0.0 <= scores["format_reward/mean"] <= 1.0
+
+
+def test_scoring_the_predictions_file_reproduces_the_metrics(full_run, tmp_path):
+    out, scores = full_run
+    again = evaluate.main(["--predictions", str(out / "predictions.jsonl"), "--dataset", "demo",
+                           "--output-dir", str(tmp_path)])
+    assert {k: v for k, v in again.items() if k != "labeler"} == {k: v for k, v in scores.items() if k != "labeler"}
+    # without labels in the file, the labeler recomputes the same ones
+    stripped = [{k: r[k] for k in ("id", "reference", "generated")} for r in _lines(out / "predictions.jsonl")]
+    _write_jsonl(tmp_path / "bare.jsonl", stripped)
+    relabelled = evaluate.main(["--predictions", str(tmp_path / "bare.jsonl"), "--labeler", "rules"])
+    assert relabelled["ce_micro/f1"] == scores["ce_micro/f1"]
+    assert relabelled["per_observation"] == scores["per_observation"]
+    assert relabelled["bleu_4"] == scores["bleu_4"]
+
+
+def test_resume_generates_only_the_missing_studies(demo, full_run, tmp_path, monkeypatch):
+    out, scores = full_run
+    full = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    k = 2
+    for name in ("eval_config.json",):
+        shutil.copy(out / name, tmp_path / name)
+    # k whole lines, then half of the next one: what a crash during a write leaves
+    (tmp_path / "predictions.jsonl").write_text("".join(full[:k]) + full[k][: len(full[k]) // 2], encoding="utf-8")
+    seen = []
+    real = trainer.generate_reports
+
+    def counting(model, processor, studies, **kw):
+        seen.extend(s.id for s in studies)
+        return real(model, processor, studies, **kw)
+    monkeypatch.setattr(trainer, "generate_reports", counting)
+    resumed = evaluate.main(_model_args(demo, tmp_path))
+    assert seen == [f"demo_test_{i:05d}" for i in range(k, N_TEST)]
+    # greedy decoding is deterministic: the resumed file is the uninterrupted one, each id once
+    assert (tmp_path / "predictions.jsonl").read_text(encoding="utf-8") == "".join(full)
+    assert resumed["ce_micro/f1"] == scores["ce_micro/f1"]
+    # a complete file: nothing left to generate, the model is not even loaded
+    monkeypatch.setattr(pipeline, "load_policy", lambda *a, **kw: pytest.fail("model loaded"))
+    evaluate.main(_model_args(demo, tmp_path))
+    assert len(seen) == N_TEST - k
+
+
+def test_resume_refuses_predictions_made_with_other_settings(demo, full_run, tmp_path, capsys):
+    out, _ = full_run
+    for name in ("eval_config.json", "predictions.jsonl"):
+        shutil.copy(out / name, tmp_path / name)
+    err = _exit_message(capsys, _model_args(demo, tmp_path, "--max-new-tokens", "9"))
+    assert "max_new_tokens" in err and "--overwrite" in err
+
+
+# ----------------------------------------------------------------------------- scoring a file
+
+# Hand-written labels (CheXbert codes, 14 columns) for 3 studies; 1 positive, 2 negative, 3 uncertain.
+REF = [[0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+       [0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1],
+       [0, 0, 1, 0, 3, 0, 0, 1, 0, 0, 0, 0, 1, 0]]
+GEN = [[0, 1, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0],
+       [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+       [0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0]]
+TEXTS = [("Cardiomegaly. Possible effusion.", "The heart is enlarged. Small right pleural effusion."),
+         ("No acute disease.", "No pneumothorax. Normal chest."),
+         ("Opacity and edema. Tube in place.", "Right lower lobe opacity with atelectasis, edema may be present.")]
+
+
+def test_scoring_uses_the_labels_given_in_the_file(tmp_path):
+    records = [{"id": i, "reference": ref, "report": rep, "report_labels": g, "reference_labels": r}
+               for i, ((rep, ref), g, r) in enumerate(zip(TEXTS, GEN, REF))]
+    _write_jsonl(tmp_path / "other.jsonl", records)
+    # CheXbert weights are absent from this weights dir: the labeler must not be needed
+    scores = evaluate.main(["--predictions", str(tmp_path / "other.jsonl"), "--labeler", "chexbert",
+                            "--weights-dir", str(tmp_path / "no_weights")])
+    expected = ce_scores(torch.tensor(GEN), torch.tensor(REF))
+    for key, value in expected.items():
+        assert scores[key] == (value if key == "per_observation" else pytest.approx(value))
+    # positive-only micro over the 3 x 14 codes: tp = 3 (Cardiomegaly, Lung Opacity, Support Devices)
+    # + No Finding of study 1 = 4; fp = Edema (1 vs 3) = 1; fn = Pleural Effusion, Atelectasis = 2
+    # -> F1 = 2*4 / (2*4 + 1 + 2) = 8/11
+    assert scores["ce_micro/f1"] == pytest.approx(8 / 11)
+    expected_nlg = nlg_scores([rep for rep, _ in TEXTS], [ref for _, ref in TEXTS])
+    assert scores["bleu_4"] == pytest.approx(expected_nlg["bleu_4"])
+    assert "format_reward/mean" not in scores  # reports only: no completions to judge
+
+
+def test_malformed_line_names_file_and_line(tmp_path, capsys):
+    good = {"id": "a", "reference": "No effusion.", "generated": "<think>x</think><report>Effusion.</report>"}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(good) + "\n" + '{"id": "b", "reference": "x", "gener\n', encoding="utf-8")
+    err = _exit_message(capsys, ["--predictions", str(path), "--labeler", "rules"])
+    assert f"{path}, line 2" in err and "JSON" in err
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({"id": "b", "generated": "x"}) + "\n", encoding="utf-8")
+    err = _exit_message(capsys, ["--predictions", str(path), "--labeler", "rules"])
+    assert f"{path}, line 3" in err and "reference" in err
+    path.write_text(json.dumps({**good, "report_labels": [1] * 13}) + "\n", encoding="utf-8")
+    err = _exit_message(capsys, ["--predictions", str(path), "--labeler", "rules"])
+    assert f"{path}, line 1" in err and "14" in err
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n", encoding="utf-8")
+    err = _exit_message(capsys, ["--predictions", str(path), "--labeler", "rules"])
+    assert f"{path}, line 2" in err and "line 1" in err
+
+
+# ----------------------------------------------------------------------------- clean errors
+
+def test_missing_data_folder_stops_before_loading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_policy", lambda *a, **kw: pytest.fail("model loaded"))
+    err = _exit_message(capsys, ["--dataset", "iu_xray", "--data-root", str(tmp_path / "iu_xray"),
+                                 "--output-dir", str(tmp_path / "out")])
+    assert "data folder not found" in err and str(tmp_path / "iu_xray") in err and "R2Gen" in err
+
+
+def test_missing_chexbert_weights_give_the_download_command(demo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_policy", lambda *a, **kw: pytest.fail("model loaded"))
+    argv = _model_args(demo, tmp_path / "out", "--labeler", "chexbert", "--weights-dir", str(tmp_path / "w"))
+    err = _exit_message(capsys, argv)
+    assert f"python -m mrgr1.weights download chexbert bert-base-uncased-vocab --dir {tmp_path / 'w'}" in err
+    # the same for a predictions file without labels
+    _write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "reference": "No effusion.", "report": "Effusion."}])
+    err = _exit_message(capsys, ["--predictions", str(tmp_path / "p.jsonl"), "--weights-dir", str(tmp_path / "w")])
+    assert "python -m mrgr1.weights download chexbert" in err
+
+
+def test_missing_policy_preset_gives_the_download_command(tmp_path, capsys, demo):
+    argv = _model_args(demo, tmp_path / "out", "--policy", "qwen2.5-vl-3b", "--weights-dir", str(tmp_path / "w"))
+    err = _exit_message(capsys, argv)
+    assert "python -m mrgr1.weights download qwen2.5-vl-3b" in err
+
+
+# ----------------------------------------------------------------------------- adapters
+
+def _inputs():
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(0))
+    return ids, torch.ones_like(ids)
+
+
+def test_lora_adapter_folder_is_applied(demo, tmp_path):
+    _, policy = demo
+    trained = Qwen2_5_VL.from_pretrained(policy)
+    lora.apply_lora(trained, rank=2, alpha=4.0, dropout=0.0)
+    with torch.no_grad():
+        for layer in lora.lora_layers(trained).values():
+            layer.lora_B.weight.normal_(0, 0.05)  # a non-zero update
+    lora.save_adapter(trained, str(tmp_path / "adapter"))
+    fresh = Qwen2_5_VL.from_pretrained(policy)
+    assert "LoRA" in evaluate.load_adapter(fresh, str(tmp_path / "adapter"), "cpu")
+    ids, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, mask), trained(ids, mask), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(fresh(ids, mask), Qwen2_5_VL.from_pretrained(policy)(ids, mask))
+
+
+def test_full_fine_tuning_checkpoint_is_applied(demo, tmp_path):
+    _, policy = demo
+    tuned = Qwen2_5_VL.from_pretrained(policy)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    folder = tmp_path / "checkpoint-000010"
+    folder.mkdir()  # as mrgr1.checkpoint writes it: every tensor of state_dict, tied ones cloned
+    save_file({k: v.clone().contiguous() for k, v in tuned.state_dict().items()}, str(folder / "model.safetensors"))
+    fresh = Qwen2_5_VL.from_pretrained(policy)
+    evaluate.load_adapter(fresh, str(folder), "cpu")
+    ids, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, mask), tuned(ids, mask))
+
+
+def test_adapter_folder_without_weights_is_a_clean_error(demo, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    err = _exit_message(capsys, _model_args(demo, tmp_path / "out", "--adapter", str(tmp_path / "empty")))
+    assert str(tmp_path / "empty") in err and "adapter_config.json" in err
