@@ -11,9 +11,9 @@ An entry is {"id": str, "report": str, "image_path": [str, ...], "split": str}.
 MIMIC-CXR entries also carry "subject_id" and "study_id"; they go into Study.meta.
 
 Example:
-    >>> studies = load_split("demo", None, "train")          # data/demo
-    >>> images = load_images(studies[0])                      # [frontal, lateral] RGB PIL images
-    >>> for batch in batch_indices(len(studies), 8, seed=0, epoch=0): ...
+    studies = load_split("demo", None, "train")          # data/demo
+    images = load_images(studies[0])                      # [frontal, lateral] RGB PIL images
+    for batch in batch_indices(len(studies), 8, seed=0, epoch=0): ...
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ Where to get the data (mrgr1 downloads none of it):
   demo       written by `python -m mrgr1.synthetic --out data/demo` (no download).
   iu_xray    IU X-Ray (Demner-Fushman et al., 2016) as preprocessed by R2Gen: the README of
              github.com/zhjohnchan/R2Gen links the archive; unpack it to data/iu_xray.
-  mimic_cxr  MIMIC-CXR (Johnson et al., 2019): the images (MIMIC-CXR-JPG) are on physionet.org and
-             need a credentialed PhysioNet account and the signed data use agreement; R2Gen's README
-             links its annotation.json. Put annotation.json in data/mimic_cxr and the image tree
-             (p10/p10000032/s50414267/<dicom_id>.jpg ...) in data/mimic_cxr/images.
+  mimic_cxr  MIMIC-CXR (Johnson et al., 2019) as preprocessed by R2Gen: the same README links it;
+             unpack it to data/mimic_cxr. MIMIC-CXR in any form needs a credentialed PhysioNet
+             account and the signed data use agreement; the original images (MIMIC-CXR-JPG) are on
+             physionet.org. Image paths look like p10/p10000032/s50414267/<dicom_id>.jpg.
 Expected layout of every data set:
   <root>/annotation.json   {"train": [...], "val": [...], "test": [...]}, entries
                            {"id", "report", "image_path": [paths relative to images/], "split"}

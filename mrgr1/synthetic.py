@@ -67,7 +67,7 @@ class Finding:
     status: int            # POSITIVE or UNCERTAIN
     side: str = "right"    # "right" | "left" | "both" (patient's side)
     zone: str = "lower"    # "upper" | "middle" | "lower"
-    size: str = "small"    # effusion / pneumothorax: small | moderate | large; heart, edema: mild | moderate
+    size: str = ""         # effusion, pneumothorax: small|moderate|large; heart, edema: mild|moderate; "" = smallest
     kind: str = ""         # device: ett | cvc | pacemaker; pleural other: apical | lateral
     rib: int = 6           # fractured rib (4..8)
     cm: float = 1.0        # nodule diameter
@@ -162,6 +162,7 @@ def _sample_finding(obs: str, rng: np.random.Generator) -> Finding:
         f.side = "both"
     if obs == CONS:
         f.zone = str(rng.choice(["upper", "lower"]))
+    f.size = "small"
     if obs == EFF:
         f.size = "small" if uncertain else str(rng.choice(["small", "moderate", "large"]))
     elif obs == PTX:

@@ -118,7 +118,7 @@ def _mediastinum_and_heart(img, yy, xx, findings):
     half = np.where(yy < 0.45, upper, MEDIASTINUM_HALF_WIDTH)
     img = _blend(img, (np.abs(xx - 0.5) < half) & (yy > 0.06) & (yy < 0.72), 0.56)
     img = _blend(img, (np.abs(xx - 0.5) < 0.025) & (yy > 0.04), 0.64)          # spine
-    rx = HEART_RX[None] + ((HEART_RX[card.size] - HEART_RX[None]) * card.strength if card else 0.0)
+    rx = HEART_RX[None] + ((HEART_RX[card.size or "mild"] - HEART_RX[None]) * card.strength if card else 0.0)
     return _blend(img, _ellipse(yy, xx, HEART_CY, HEART_CX + (rx - HEART_RX[None]) * 0.4,
                                 HEART_RY + 0.3 * (rx - HEART_RX[None]), rx) < 1, 0.6)
 
@@ -130,13 +130,13 @@ def _draw_frontal_finding(img, yy, xx, lungs, f, rng):
         lateral = np.sign(cx - 0.5)
         if obs == "Pleural Effusion":               # meniscus: fluid climbs higher laterally
             depth = np.abs(xx - (cx + lateral * LUNG_RX)) / (2 * LUNG_RX)
-            level = 0.74 - EFFUSION_HEIGHT[f.size] + 0.07 * depth
+            level = 0.74 - EFFUSION_HEIGHT[f.size or "small"] + 0.07 * depth
             img = _blend(img, lung & (yy > level), 0.55, s)
         elif obs == "Pneumothorax":                 # dark rim, no markings, thin pleural line
             r = _ellipse(yy, xx, LUNG_CY, cx, LUNG_RY, LUNG_RX)
             top = lung & (yy < LUNG_CY + 0.05)
-            img = _blend(img, top & (r > 1 - PTX_RIM[f.size]), 0.02, s)
-            img = _blend(img, top & (np.abs(r - 1 + PTX_RIM[f.size]) < 0.02), 0.32, s)
+            img = _blend(img, top & (r > 1 - PTX_RIM[f.size or "small"]), 0.02, s)
+            img = _blend(img, top & (np.abs(r - 1 + PTX_RIM[f.size or "small"]) < 0.02), 0.32, s)
         elif obs == "Consolidation":
             d = _ellipse(yy, xx, ZONE_Y[f.zone], cx + lateral * 0.03, 0.085, 0.075)
             img = img + s * 0.32 * np.clip((1 - d) * 4, 0, 1) * lung
@@ -185,12 +185,12 @@ def lateral(findings, rng: np.random.Generator, size: int = 112) -> np.ndarray:
     img = np.where(lung, 0.15 + 0.025 * _smooth_noise(rng, size), img)
     img = _blend(img, (xx > 0.74) & (xx < 0.84) & (yy > 0.12) & (np.sin(yy * 70) > -0.6), 0.6)  # vertebrae
     card = _get(findings, "Cardiomegaly")
-    grow = (HEART_RX[card.size] - HEART_RX[None]) * card.strength if card else 0.0
+    grow = (HEART_RX[card.size or "mild"] - HEART_RX[None]) * card.strength if card else 0.0
     img = _blend(img, _ellipse(yy, xx, 0.58, 0.36 + grow * 0.5, 0.14 + grow * 0.3, 0.13 + grow) < 1, 0.55)
     for f in findings:
         s = f.strength
         if f.obs == "Pleural Effusion":             # posterior costophrenic sulcus fills first
-            level = 0.74 - 0.8 * EFFUSION_HEIGHT[f.size] + 0.15 * np.clip(0.7 - xx, 0, None)
+            level = 0.74 - 0.8 * EFFUSION_HEIGHT[f.size or "small"] + 0.15 * np.clip(0.7 - xx, 0, None)
             img = _blend(img, lung & (yy > level), 0.55, s)
         elif f.obs == "Edema":
             img = img + s * (0.09 + 0.12 * np.exp(-_ellipse(yy, xx, 0.45, 0.55, 0.15, 0.15) ** 2)) * lung
