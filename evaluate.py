@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max-new-tokens", type=int, default=None, help="default 64 (demo), 256 (real)")
     a("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0")
-    a("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
+    a("--seed", type=int, default=0, help="sampling seed (unused when greedy; a resumed sampled "
+                                         "run draws other samples than an uninterrupted one)")
     a("--dtype", default="float32", choices=tuple(pipeline.DTYPES))
     a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     a("--output-dir", default=None, help="default runs/<dataset>/eval-<split>; with --predictions, "
@@ -163,14 +164,19 @@ def append_records(path: str, records: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- scoring
 
-def label_missing(records: list[dict], make_labeler, relabel: bool = False) -> None:
-    """Fill in report_labels / reference_labels where absent (all of them when relabel)."""
+def label_missing(records: list[dict], make_labeler, relabel: bool = False) -> int:
+    """Fill in report_labels / reference_labels where absent (all of them when relabel).
+
+    Returns how many texts were labelled (0: every label came from the file)."""
+    labelled = 0
     for key, text in (("report_labels", "report"), ("reference_labels", "reference")):
         todo = [r for r in records if relabel or key not in r]
         if todo:
             codes = make_labeler().label([r[text] for r in todo])  # [n, 14]
             for r, row in zip(todo, codes.long().tolist()):
                 r[key] = row
+        labelled += len(todo)
+    return labelled
 
 
 def score_records(records: list[dict]) -> dict:
@@ -293,16 +299,15 @@ def run_model(args, device) -> list[dict]:
         print(f"{pred_path}: {len(done)} studies done, {len(todo)} to go")
     if todo:
         model, processor = build_model(args, device)
-        eos, pad = pipeline.eos_and_pad(processor)
+        special = pipeline.special_ids(processor)  # eos / pad / never-sampled vision token ids
         sampling = {"top_p": args.top_p} if args.top_p < 1.0 else {}
         generator = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
         bar = tqdm(total=len(studies), initial=len(done), desc="evaluate", unit="study", dynamic_ncols=True)
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             texts = trainer.generate_reports(model, processor, batch, batch_size=len(batch),
-                                             max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
-                                             pad_token_id=pad, temperature=args.temperature,
-                                             generator=generator, **sampling)
+                                             max_new_tokens=args.max_new_tokens, **special,
+                                             temperature=args.temperature, generator=generator, **sampling)
             append_records(pred_path, prediction_records(texts, batch, labeler))
             bar.update(len(batch))
         bar.close()
@@ -318,18 +323,19 @@ def evaluate(args) -> dict:
         if not os.path.isfile(args.predictions):
             raise EvalError(f"--predictions {args.predictions}: no such file")
         records = read_predictions(args.predictions)
-        label_missing(records, lazy_labeler(args, device), relabel=args.relabel)
+        labelled = label_missing(records, lazy_labeler(args, device), relabel=args.relabel)
+        labels_from = args.labeler if labelled else "the predictions file"
         source = args.predictions
     else:
         records = run_model(args, device)
-        source = os.path.join(args.output_dir, PREDICTIONS_FILE)
+        labels_from, source = args.labeler, os.path.join(args.output_dir, PREDICTIONS_FILE)
     scores = score_records(records)
-    scores["labeler"] = args.labeler
+    scores["labeler"] = labels_from
     os.makedirs(args.output_dir, exist_ok=True)
     out = os.path.join(args.output_dir, METRICS_FILE)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(scores, f, indent=2)
-    print(f"\n{source}: {len(records)} studies, labels from {args.labeler}\n")
+    print(f"\n{source}: {len(records)} studies, labels from {labels_from}\n")
     print(format_table(scores))
     if "format_reward/mean" in scores:
         print(f"{'format reward (mean)':<32}{scores['format_reward/mean']:8.4f}")

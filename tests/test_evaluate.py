@@ -16,21 +16,9 @@ import evaluate
 from mrgr1 import lora, pipeline, synthetic, trainer
 from mrgr1.labels import RuleLabeler
 from mrgr1.metrics import ce_scores, nlg_scores
-from mrgr1.processing import train_demo_tokenizer
-from mrgr1.config import preset
 from mrgr1.vlm import Qwen2_5_VL
 
 N_TEST = 5
-
-
-def _tiny_policy(folder, reports):
-    """pipeline.tiny_policy_folder, inlined: as of 2608ca8 it passes the tokenizer.json *file* path
-    to train_demo_tokenizer, which expects a folder, and fails. Same three steps, right path."""
-    texts = reports + [trainer.SYSTEM_PROMPT, trainer.INSTRUCTION, trainer.SFT_THINK,
-                       "<think></think><report></report>"]
-    proc = train_demo_tokenizer(texts, path=folder)
-    Qwen2_5_VL.from_config(preset("tiny", **proc.model_overrides()), seed=0).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +27,7 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data_root = synthetic.generate(str(root / "demo"), n_train=6, n_val=0, n_test=N_TEST, image_size=56)
     reports = [s.report for s in pipeline.load_studies("demo", data_root, "train")]
-    return data_root, _tiny_policy(str(root / "policy"), reports)
+    return data_root, pipeline.tiny_policy_folder(str(root / "policy"), reports)
 
 
 def _model_args(demo, out, *extra):
@@ -107,6 +95,12 @@ def test_scoring_the_predictions_file_reproduces_the_metrics(full_run, tmp_path)
     assert relabelled["ce_micro/f1"] == scores["ce_micro/f1"]
     assert relabelled["per_observation"] == scores["per_observation"]
     assert relabelled["bleu_4"] == scores["bleu_4"]
+    # --relabel replaces wrong labels in the file with the labeler's
+    zeroed = [{**r, "report_labels": [0] * 14, "reference_labels": [0] * 14} for r in _lines(out / "predictions.jsonl")]
+    _write_jsonl(tmp_path / "zeroed.jsonl", zeroed)
+    args = ["--predictions", str(tmp_path / "zeroed.jsonl"), "--labeler", "rules"]
+    assert evaluate.main(args)["ce_micro/f1"] == 0.0  # all blank: nothing positive to find
+    assert evaluate.main(args + ["--relabel"])["per_observation"] == scores["per_observation"]
 
 
 def test_resume_generates_only_the_missing_studies(demo, full_run, tmp_path, monkeypatch):
@@ -174,6 +168,7 @@ def test_scoring_uses_the_labels_given_in_the_file(tmp_path):
     expected_nlg = nlg_scores([rep for rep, _ in TEXTS], [ref for _, ref in TEXTS])
     assert scores["bleu_4"] == pytest.approx(expected_nlg["bleu_4"])
     assert "format_reward/mean" not in scores  # reports only: no completions to judge
+    assert scores["labeler"] == "the predictions file"
 
 
 def test_malformed_line_names_file_and_line(tmp_path, capsys):
