@@ -258,7 +258,9 @@ def prediction_records(texts: list[str], studies: list[data.Study], labeler) -> 
 
 
 def resume_state(args, studies: list[data.Study], pred_path: str) -> list[dict]:
-    """Predictions already written by an earlier run with the same flags (empty when none)."""
+    """Predictions already written by an earlier run with the same flags (empty when none).
+
+    studies: the whole split (a rerun may change --limit)."""
     config_path = os.path.join(args.output_dir, CONFIG_FILE)
     config = {k: getattr(args, k) for k in RUN_KEYS}
     if args.overwrite:
@@ -269,9 +271,10 @@ def resume_state(args, studies: list[data.Study], pred_path: str) -> list[dict]:
     if done and os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
             before = json.load(f)
-        changed = [k for k in RUN_KEYS if before.get(k) != config[k]]
+        changed = ", ".join(f"{k}: {before.get(k)!r} then, {config[k]!r} now" for k in RUN_KEYS
+                            if before.get(k) != config[k])
         if changed:
-            raise EvalError(f"{pred_path} was written with other settings ({', '.join(f'{k}: {before.get(k)!r}' for k in changed)}); "
+            raise EvalError(f"{pred_path} was written with other settings ({changed}); "
                             "use another --output-dir, or --overwrite to discard it")
     known = {s.id for s in studies}
     stray = [r["id"] for r in done if r["id"] not in known]
@@ -285,24 +288,23 @@ def resume_state(args, studies: list[data.Study], pred_path: str) -> list[dict]:
 
 def run_model(args, device) -> list[dict]:
     """Generate, label and append predictions for every study not done yet; returns all records."""
-    studies = pipeline.load_studies(args.dataset, args.data_root, args.split, all_images=args.all_images)
-    studies = studies[:args.limit] if args.limit else studies
+    split = pipeline.load_studies(args.dataset, args.data_root, args.split, all_images=args.all_images)
+    studies = split[:args.limit] if args.limit else split
     check_policy(args)
-    make_labeler = lazy_labeler(args, device)
-    labeler = make_labeler()  # missing CheXbert weights stop the run here, before the model loads
+    # missing CheXbert weights stop the run here, before the model loads
+    labeler = pipeline.build_labeler(args.labeler, args.chexbert_weights, args.weights_dir, device)
     os.makedirs(args.output_dir, exist_ok=True)
     pred_path = os.path.join(args.output_dir, PREDICTIONS_FILE)
-    done = resume_state(args, studies, pred_path)
-    done_ids = {r["id"] for r in done}
+    done_ids = {r["id"] for r in resume_state(args, split, pred_path)}
     todo = [s for s in studies if s.id not in done_ids]
-    if done:
-        print(f"{pred_path}: {len(done)} studies done, {len(todo)} to go")
+    if len(todo) < len(studies):
+        print(f"{pred_path}: {len(studies) - len(todo)} studies done, {len(todo)} to go")
     if todo:
         model, processor = build_model(args, device)
         special = pipeline.special_ids(processor)  # eos / pad / never-sampled vision token ids
         sampling = {"top_p": args.top_p} if args.top_p < 1.0 else {}
         generator = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
-        bar = tqdm(total=len(studies), initial=len(done), desc="evaluate", unit="study", dynamic_ncols=True)
+        bar = tqdm(total=len(studies), initial=len(studies) - len(todo), desc="evaluate", unit="study", dynamic_ncols=True)
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             texts = trainer.generate_reports(model, processor, batch, batch_size=len(batch),

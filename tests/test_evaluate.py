@@ -127,6 +127,8 @@ def test_resume_generates_only_the_missing_studies(demo, full_run, tmp_path, mon
     monkeypatch.setattr(pipeline, "load_policy", lambda *a, **kw: pytest.fail("model loaded"))
     evaluate.main(_model_args(demo, tmp_path))
     assert len(seen) == N_TEST - k
+    # a smaller --limit scores the first studies of what is there
+    assert evaluate.main(_model_args(demo, tmp_path, "--limit", "3"))["num_reports"] == 3
 
 
 def test_resume_refuses_predictions_made_with_other_settings(demo, full_run, tmp_path, capsys):
