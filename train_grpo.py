@@ -152,7 +152,7 @@ def run_sft(args, model, processor, studies):
     if use_lora:
         lora.apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
     optimizer, scheduler = make_optimizer(model, args.sft_lr, args.weight_decay, args.sft_steps, args.warmup_ratio)
-    eos, _ = pipeline.eos_and_pad(processor)
+    eos = pipeline.special_ids(processor)["eos_token_ids"]
     bar = tqdm(range(args.sft_steps), desc="SFT", dynamic_ncols=True)
     epoch, batches = 0, []
     for _ in bar:
@@ -169,9 +169,8 @@ def run_sft(args, model, processor, studies):
 
 
 def evaluate_ce(args, model, processor, labeler, studies, title) -> dict:
-    eos, pad = pipeline.eos_and_pad(processor)
     texts = trainer.generate_reports(model, processor, studies, max_new_tokens=args.max_new_tokens,
-                                     eos_token_ids=eos, pad_token_id=pad)
+                                     **pipeline.special_ids(processor))
     scores = trainer.ce_of_texts(texts, studies, labeler)
     print(f"\n{title}: CE-F1 (micro, R2GenCMN convention) {scores['ce_micro/f1']:.4f} | "
           f"CE-F1 (example, PromptMRG) {scores['ce_example/f1']:.4f} on {len(studies)} studies")
@@ -220,7 +219,7 @@ def main(argv=None) -> dict:
         state = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler)
         checkpoint.restore_rng_states(state["rng"], rollout_gen)
         print(f"resumed from {resume_from} at step {state['step']}")
-    eos, pad = pipeline.eos_and_pad(processor)
+    special = pipeline.special_ids(processor)
     reward_cache = {}
     log_path = os.path.join(args.output_dir, "metrics.jsonl")
 
@@ -252,7 +251,7 @@ def main(argv=None) -> dict:
             t0 = time.time()
             rollout = trainer.collect_rollout(model, processor, studies, labeler, cfg, rollout_gen,
                                               ref_model=ref_model, reward_cache=reward_cache,
-                                              eos_token_ids=eos, pad_token_id=pad)
+                                              **special)
             stats = {"step": step + 1, **trainer.rollout_stats(rollout, cfg),
                      **trainer.grpo_update(model, rollout, optimizer, scheduler, cfg),
                      "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}

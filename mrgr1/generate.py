@@ -166,12 +166,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_token_ids: Sequence[int] = (),
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             return_logps: bool = False):
+             return_logps: bool = False, suppress_token_ids: Sequence[int] = ()):
     """Sample `num_samples` (G) completions for each of the B left-padded prompts.
 
     input_ids, attention_mask [B, P]; pixel_values [N_patches, C*T*p*p] and image_grid_thw
     [N_images, 3] as the model takes them. temperature 0 is greedy; top_k 0 and top_p 1
     are off. pad_token_id fills the columns after EOS (default: the first EOS id, else 0).
+    suppress_token_ids are never sampled (their logits are set to -inf), e.g. <|image_pad|>,
+    which would need an image the completion does not have.
 
     Returns the tuple (completions, mask), or (completions, mask, logps) with return_logps:
       completions [B*G, max_new_tokens] long, row i belongs to prompt i // G;
@@ -209,7 +211,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         mask = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
         logps = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
+        suppress = torch.tensor(list(suppress_token_ids), dtype=torch.long, device=device)
         for step in range(max_new_tokens):
+            logits = logits.index_fill(-1, suppress, float("-inf")) if len(suppress) else logits
             tokens = sample(logits, temperature, top_k, top_p, generator)         # [B*G]
             tokens = tokens.masked_fill(done, pad_token_id)
             completions[:, step] = tokens

@@ -70,9 +70,12 @@ def study_messages(study: Study, system: str = SYSTEM_PROMPT, instruction: str =
 
 
 def encode_prompts(processor, studies: list[Study], device=None) -> dict:
-    """Left-padded prompts of B studies: input_ids, attention_mask [B, P], pixel_values, image_grid_thw."""
+    """Left-padded prompts of B studies: input_ids, attention_mask [B, P], pixel_values,
+    image_grid_thw, and images_per_prompt [B] (to find each prompt's images again)."""
     batch = processor([study_messages(s) for s in studies], [load_images(s) for s in studies])
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch["images_per_prompt"] = torch.tensor([len(s.image_paths) for s in studies])
+    return batch
 
 
 def repeat_prompts(prompts: dict, num_repeats: int) -> dict:
@@ -83,7 +86,7 @@ def repeat_prompts(prompts: dict, num_repeats: int) -> dict:
            "pixel_values": None, "image_grid_thw": None}
     if grid is not None:
         # images of prompt b are consecutive in pixel_values; find each prompt's patch block
-        images_per_prompt = _images_per_prompt(prompts, grid.shape[0])                 # [B]
+        images_per_prompt = prompts["images_per_prompt"]                              # [B]
         patches = grid.prod(-1)                                                         # [n_img]
         prompt_of_image = torch.repeat_interleave(torch.arange(len(images_per_prompt)), images_per_prompt)
         patches_per_prompt = torch.zeros(len(images_per_prompt), dtype=torch.long).index_add_(
@@ -93,12 +96,6 @@ def repeat_prompts(prompts: dict, num_repeats: int) -> dict:
         out["pixel_values"] = torch.cat([b for b in blocks for _ in range(num_repeats)])
         out["image_grid_thw"] = torch.cat([g for g in grids for _ in range(num_repeats)])
     return out
-
-
-def _images_per_prompt(prompts: dict, n_images: int) -> torch.Tensor:
-    if "images_per_prompt" in prompts:
-        return torch.as_tensor(prompts["images_per_prompt"]).cpu()
-    raise ValueError("the processor output lacks 'images_per_prompt'")
 
 
 def join_completions(prompts: dict, completions: torch.Tensor, completion_mask: torch.Tensor) -> dict:
@@ -148,8 +145,11 @@ def _rows(seqs: dict, start: int, stop: int) -> dict:
 @torch.no_grad()
 def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOConfig,
                     generator: torch.Generator | None, *, ref_model=None, reward_cache: dict | None = None,
-                    eos_token_ids=(), pad_token_id: int = 0, micro_batch: int | None = None) -> Rollout:
-    """Sample G completions per study, score them and precompute the log-probs the loss needs."""
+                    eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=(),
+                    micro_batch: int | None = None) -> Rollout:
+    """Sample G completions per study, score them and precompute the log-probs the loss needs.
+
+    eos_token_ids / pad_token_id / suppress_token_ids: see pipeline.special_ids."""
     device = next(model.parameters()).device
     G = cfg.num_generations
     prompts = encode_prompts(processor, studies, device)
@@ -158,7 +158,7 @@ def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOCo
                                   max_new_tokens=cfg.max_new_tokens, num_samples=G,
                                   temperature=cfg.temperature, top_p=cfg.top_p,
                                   eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                                  generator=generator)                          # [N, C] each
+                                  suppress_token_ids=suppress_token_ids, generator=generator)  # [N, C]
     width = int(cmask.sum(1).max())              # drop columns no row used
     completions, cmask = completions[:, :width], cmask[:, :width]
     truncated = ~torch.isin(completions.gather(1, (cmask.sum(1, keepdim=True) - 1).clamp_min(0)),
@@ -172,7 +172,7 @@ def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOCo
     advantages = grpo.group_advantages(rewards, G, scale=cfg.scale_rewards)    # [N]
 
     sequences = join_completions(repeat_prompts(prompts, G), completions, cmask)
-    sequences["images_per_row"] = _images_per_prompt(prompts, 0).repeat_interleave(G)
+    sequences["images_per_row"] = prompts["images_per_prompt"].repeat_interleave(G)
     micro = micro_batch or max(1, len(ids) // cfg.grad_accum)
     old = _logps(model, sequences, width, cfg.temperature, micro) if cfg.num_iterations > 1 else None
     ref = None
@@ -277,7 +277,7 @@ def sft_step(model, processor, studies: list[Study], optimizer, scheduler, *, eo
 @torch.no_grad()
 def generate_reports(model, processor, studies: list[Study], *, batch_size: int = 16,
                      max_new_tokens: int = 256, eos_token_ids=(), pad_token_id: int = 0,
-                     temperature: float = 0.0, generator=None) -> list[str]:
+                     suppress_token_ids=(), temperature: float = 0.0, generator=None) -> list[str]:
     """Greedy (by default) completions for every study, in order."""
     device = next(model.parameters()).device
     texts = []
@@ -286,7 +286,8 @@ def generate_reports(model, processor, studies: list[Study], *, batch_size: int 
         out, mask = generate(model, prompts["input_ids"], prompts["attention_mask"],
                              prompts.get("pixel_values"), prompts.get("image_grid_thw"),
                              max_new_tokens=max_new_tokens, temperature=temperature,
-                             eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, generator=generator)
+                             eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                             suppress_token_ids=suppress_token_ids, generator=generator)
         texts += processor.batch_decode(out * mask + pad_token_id * (1 - mask))
     return texts
 
