@@ -304,7 +304,8 @@ def run_model(args, device) -> list[dict]:
         special = pipeline.special_ids(processor)  # eos / pad / never-sampled vision token ids
         sampling = {"top_p": args.top_p} if args.top_p < 1.0 else {}
         generator = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
-        bar = tqdm(total=len(studies), initial=len(studies) - len(todo), desc="evaluate", unit="study", dynamic_ncols=True)
+        bar = tqdm(total=len(studies), initial=len(studies) - len(todo), desc="evaluate", unit="study",
+                   dynamic_ncols=True)
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             texts = trainer.generate_reports(model, processor, batch, batch_size=len(batch),

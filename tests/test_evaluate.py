@@ -5,7 +5,6 @@ CE / NLG numbers are checked against mrgr1.metrics called directly on the same l
 (the metrics themselves are tested against hand-worked values in test_metrics.py).
 """
 import json
-import os
 import shutil
 
 import pytest
