@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -128,20 +129,21 @@ def prepare_policy(args, train_studies, device):
 
     The SFT result is saved as an HF folder (<output_dir>/sft) and becomes the base: GRPO's
     reference policy is that SFT model, and a resumed run reloads it instead of training again."""
-    sft_dir = os.path.join(args.output_dir, "sft")
+    sft_dir, init_dir = os.path.join(args.output_dir, "sft"), os.path.join(args.output_dir, "init")
     if args.sft_steps > 0 and os.path.isfile(os.path.join(sft_dir, "config.json")):
         return pipeline.load_policy(sft_dir, dtype=args.dtype, device=device)
+    start = args.policy
     if args.policy == "tiny":
-        pipeline.tiny_policy_folder(os.path.join(args.output_dir, "init"),
-                                    [s.report for s in train_studies], seed=args.seed)
-        start = os.path.join(args.output_dir, "init")
-    else:
-        start = args.policy
+        if not os.path.isfile(os.path.join(init_dir, "config.json")):
+            pipeline.tiny_policy_folder(init_dir, [s.report for s in train_studies], seed=args.seed)
+        start = init_dir
     model, processor = pipeline.load_policy(start, weights_dir=args.weights_dir, dtype=args.dtype, device=device)
     if args.sft_steps > 0:
         run_sft(args, model, processor, train_studies)
-        model.save_pretrained(sft_dir)
-        processor.save_pretrained(sft_dir)
+        shutil.rmtree(sft_dir + ".tmp", ignore_errors=True)
+        model.save_pretrained(sft_dir + ".tmp")
+        processor.save_pretrained(sft_dir + ".tmp")
+        os.replace(sft_dir + ".tmp", sft_dir)  # a crash while saving leaves no half SFT model
     return model, processor
 
 

@@ -63,13 +63,17 @@ def build_labeler(kind: str, chexbert_weights: str | None = None, weights_dir: s
 DEMO_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, mrope_section=(4, 6, 6), vision_out_hidden_size=128)
 DEMO_VOCAB = 1024  # BPE vocabulary trained on the demo reports (ours): short sequences, fast steps
+DEMO_PIXELS = 84 * 84  # the demo's 112 px views are resized to 84 px: 6x6 patches, 9 tokens (ours)
 
 
 def tiny_policy_folder(folder: str, train_reports: list[str], seed: int = 0, vocab_size: int = DEMO_VOCAB) -> str:
     """Write an untrained `tiny` Qwen2.5-VL with a demo tokenizer to `folder` (HF layout)."""
     os.makedirs(folder, exist_ok=True)
-    texts = train_reports + [SYSTEM_PROMPT, INSTRUCTION, SFT_THINK, "<think></think><report></report>"]
-    processor = train_demo_tokenizer(texts, vocab_size=vocab_size, path=folder)
+    # the fixed prompt texts are repeated so that BPE merges them into few tokens: shorter prompts
+    texts = train_reports + [SYSTEM_PROMPT, INSTRUCTION, SFT_THINK] * 50
+    tokenizer = train_demo_tokenizer(texts, vocab_size=vocab_size).tokenizer
+    processor = Processor(tokenizer, min_pixels=DEMO_PIXELS, max_pixels=DEMO_PIXELS)
+    processor.save_pretrained(folder)
     cfg = preset("tiny", **processor.model_overrides(), **DEMO_MODEL)
     Qwen2_5_VL.from_config(cfg, seed=seed).save_pretrained(folder)
     return folder

@@ -212,7 +212,7 @@ def grpo_update(model, rollout: Rollout, optimizer, scheduler, cfg: GRPOConfig) 
                 beta=cfg.beta, loss_type=cfg.loss_type,
                 max_len=cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else None, normalizer=normalizer)
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             weight = float(mask[rows].sum()) / max(float(mask.sum()), 1.0)  # token-weighted stats
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v * weight
@@ -269,7 +269,7 @@ def sft_step(model, processor, studies: list[Study], optimizer, scheduler, *, eo
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     optimizer.step()
     scheduler.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 # ----------------------------------------------------------------------------- evaluation

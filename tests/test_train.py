@@ -1,0 +1,171 @@
+"""train_grpo.py end to end on a tiny demo set: what changes, what must not, and resuming."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_grpo
+from mrgr1 import checkpoint, data, synthetic, weights
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("demo") / "demo")
+    return synthetic.generate(root, n_train=8, n_val=2, n_test=4, image_size=56, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def varied_rewards(monkeypatch):
+    """An untrained tiny model earns reward 0 on every completion, so every advantage, and with it
+    every gradient, would be 0. Add a term that differs between completions (from their length) to
+    the real reward, so that a step actually moves the adapters."""
+    from mrgr1 import trainer
+
+    real = trainer.compute_rewards
+
+    def rewards(completions, *args, **kwargs):
+        total, parts = real(completions, *args, **kwargs)
+        return total + torch.tensor([len(c) % 5 / 5 for c in completions]), parts
+    monkeypatch.setattr(trainer, "compute_rewards", rewards)
+
+
+def run(demo_root, out, *extra):
+    """A small, fast GRPO run: 2 studies x 2 completions x 8 tokens per step, no SFT."""
+    argv = ["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(out),
+            "--sft-steps", "0", "--num-generations", "2", "--batch-size", "2", "--max-new-tokens", "8",
+            "--eval-limit", "0", "--sample-every", "0", "--lora-rank", "4", "--lr", "1e-2",
+            "--beta", "0.04", *extra]
+    return train_grpo.main(argv)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_grpo_steps_change_only_the_adapter_weights(demo_root, tmp_path):
+    from mrgr1 import labels, lora, pipeline, trainer
+
+    studies = data.load_split("demo", demo_root, "train")
+    folder = pipeline.tiny_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
+    model, processor = pipeline.load_policy(folder)
+    lora.apply_lora(model, rank=4, alpha=8)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=8, beta=0.04, grad_accum=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(2):
+        rollout = trainer.collect_rollout(model, processor, studies[2 * step:2 * step + 2], labels.RuleLabeler(),
+                                          cfg, generator, **pipeline.special_ids(processor))
+        assert rollout.advantages.abs().sum() > 0
+        trainer.grpo_update(model, rollout, optimizer, scheduler, cfg)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "two steps with non-zero advantages must move the adapters"
+    assert all(".lora_A." in k or ".lora_B." in k for k in changed), sorted(changed)[:5]
+    assert any(".lora_B." in k for k in changed)
+
+
+def test_checkpoints_hold_only_the_adapter_in_peft_layout(demo_root, tmp_path):
+    run(demo_root, tmp_path, "--steps", "1")
+    ckpt = checkpoint.find_latest(str(tmp_path))
+    assert sorted(os.listdir(ckpt)) == ["adapter_config.json", "adapter_model.safetensors",
+                                        "train_config.json", "trainer_state.pt"]
+    adapter = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.model.language_model.layers.") and
+               k.endswith((".lora_A.weight", ".lora_B.weight")) for k in adapter)
+    config = json.load(open(os.path.join(ckpt, "adapter_config.json")))
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+
+
+def test_adapter_off_is_the_base_model_exactly(demo_root, tmp_path):
+    from mrgr1 import lora, pipeline, trainer
+
+    run(demo_root, tmp_path, "--steps", "1")
+    base, processor = pipeline.load_policy(str(tmp_path / "init"))
+    tuned, _ = pipeline.load_policy(str(tmp_path / "init"))
+    lora.load_adapter(tuned, str(tmp_path / "final"))
+    studies = data.load_split("demo", demo_root, "test")[:2]
+    batch = trainer.encode_prompts(processor, studies)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
+    with torch.no_grad():
+        with lora.adapters_disabled(tuned):
+            assert torch.equal(tuned(*args), base(*args))
+        assert not torch.allclose(tuned(*args), base(*args)), "the trained adapter changes the output"
+
+
+def test_metrics_use_trl_names(demo_root, tmp_path):
+    run(demo_root, tmp_path, "--steps", "1")
+    row = metrics(tmp_path)[0]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/mccs/mean", "rewards/format/mean",
+                "kl", "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
+                "loss", "grad_norm", "lr"):
+        assert key in row, key
+
+
+def test_resume_continues_exactly(demo_root, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(demo_root, straight, "--steps", "4", "--save-every", "2")
+    run(demo_root, resumed, "--steps", "4", "--save-every", "2")
+    # simulate a crash right after the step-2 checkpoint: drop what came after it
+    (resumed / "latest").write_text("checkpoint-000002\n")
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:2]
+    (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run(demo_root, resumed, "--steps", "4", "--save-every", "2", "--resume")
+
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("reward", "loss", "kl", "grad_norm", "lr", "completions/mean_length"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["step"], key)
+    wa = load_file(str(straight / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(resumed / "final" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(demo_root, tmp_path, monkeypatch):
+    run(demo_root, tmp_path, "--steps", "1")
+    good = checkpoint.find_latest(str(tmp_path))
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(OSError):
+        run(demo_root, tmp_path, "--steps", "2", "--resume")
+    monkeypatch.undo()
+    assert checkpoint.find_latest(str(tmp_path)) == good
+    from mrgr1 import lora, pipeline
+
+    model, _ = pipeline.load_policy(str(tmp_path / "init"))
+    lora.apply_lora(model, rank=4, alpha=32)
+    assert checkpoint.load_checkpoint(good, model)["step"] == 1
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(demo_root, tmp_path):
+    run(demo_root, tmp_path, "--steps", "1")
+    state = os.path.join(checkpoint.find_latest(str(tmp_path)), checkpoint.STATE_FILE)
+    with open(state, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(checkpoint.CheckpointError, match="trainer_state.pt"):
+        run(demo_root, tmp_path, "--steps", "2", "--resume")
+
+
+def test_resume_without_a_checkpoint_says_so(demo_root, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        run(demo_root, tmp_path, "--steps", "1", "--resume")
+
+
+def test_missing_real_data_stops_before_any_work(tmp_path):
+    with pytest.raises(data.DataError, match="data folder not found"):
+        train_grpo.main(["--dataset", "iu_xray", "--data-root", str(tmp_path / "nope"),
+                         "--output-dir", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
+def test_missing_chexbert_weights_name_the_download_command(demo_root, tmp_path):
+    with pytest.raises(weights.WeightsError, match="python -m mrgr1.weights download chexbert"):
+        run(demo_root, tmp_path, "--steps", "1", "--labeler", "chexbert",
+            "--weights-dir", str(tmp_path / "weights"))
