@@ -24,9 +24,7 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mrgr1.config import ModelConfig
 from mrgr1.language import KVCache, TextModel
@@ -192,30 +190,49 @@ class Qwen2_5_VL(nn.Module):
         return self.lm_head(hidden)
 
     def token_logps(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
-                    logits_to_keep: int, temperature: float = 1.0, chunk_size: int = 512) -> torch.Tensor:
+                    logits_to_keep: int, temperature: float = 1.0, chunk_size: int = 256) -> torch.Tensor:
         """log p(input_ids[:, t] | input_ids[:, :t]) for the last `logits_to_keep` tokens -> [B, k].
 
         Logits are divided by `temperature`. The lm_head and log-softmax run on `chunk_size`
-        positions at a time, each chunk recomputed in backward (activation checkpointing), so
-        no [B, k, V] logits tensor is ever held: peak extra memory ~ chunk_size x V floats."""
+        positions at a time and are recomputed in backward (`ChunkLogps`), so no [B, k, V]
+        logits tensor is ever held: peak extra memory ~ 2 x chunk_size x V fp32 values."""
         k = logits_to_keep
         if not 0 < k < input_ids.shape[1]:
             raise ValueError(f"logits_to_keep={k} must be in [1, T-1] for T={input_ids.shape[1]}")
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw)  # [B, T, D]
         h = hidden[:, -k - 1:-1].reshape(-1, hidden.shape[-1])  # position t-1 predicts token t  [B*k, D]
         targets = input_ids[:, -k:].reshape(-1)  # [B*k]
-        use_ckpt = torch.is_grad_enabled() and h.requires_grad
-        out = []
-        for s in range(0, h.shape[0], chunk_size):
-            args = (h[s:s + chunk_size], targets[s:s + chunk_size], self.lm_head.weight, temperature)
-            out.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if use_ckpt else _chunk_logps(*args))
+        out = [ChunkLogps.apply(h[s:s + chunk_size], self.lm_head.weight, targets[s:s + chunk_size], temperature)
+               for s in range(0, h.shape[0], chunk_size)]  # each [c]
         return torch.cat(out).view(input_ids.shape[0], k)
 
 
-def _chunk_logps(h, targets, weight, temperature):
-    """log_softmax(h W^T / temperature)[target] for one chunk, in fp32: [c, D] -> [c]."""
-    logits = (h @ weight.T).float() / temperature  # [c, V]
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+class ChunkLogps(torch.autograd.Function):
+    """log_softmax(h W^T / tau)[target] for one chunk of positions: h [c, D], W [V, D] -> [c] (fp32).
+
+    Backward recomputes the [c, V] logits instead of saving them and uses
+    d logp / d logits = (onehot(target) - softmax(logits)) / tau, so at most about two
+    [c, V] fp32 buffers exist at any time, in forward and in backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature):
+        logits = (h @ weight.T).float() / temperature  # [c, V]
+        lse = torch.logsumexp(logits, dim=-1)  # [c]
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.temperature = temperature
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out [c]
+        h, weight, targets, lse = ctx.saved_tensors
+        tau = ctx.temperature
+        grad = (h @ weight.T).float().div_(tau).sub_(lse[:, None]).exp_()  # softmax  [c, V]
+        grad.mul_(-grad_out[:, None] / tau)  # - g * softmax / tau
+        grad.scatter_add_(-1, targets[:, None], (grad_out / tau)[:, None])  # + g * onehot / tau
+        grad = grad.to(h.dtype)
+        grad_h = grad @ weight if ctx.needs_input_grad[0] else None  # [c, D]
+        grad_w = grad.T @ h if ctx.needs_input_grad[1] else None  # [V, D]; skipped when lm_head is frozen
+        return grad_h, grad_w, None, None
 
 
 # ---------------------------------------------------------------- checkpoint files

@@ -265,3 +265,29 @@ def test_kv_cache_repeat_rows_serves_g_samples_per_prompt(ours):
             row_mask = torch.cat([mask[b:b + 1], torch.ones(1, 1, dtype=torch.long)], 1)
             ref.append(ours(row_ids, row_mask, pv_rows[b], grid[b:b + 1])[:, -1:])
     assert (step - torch.cat(ref)).abs().max().item() <= 1e-4
+
+
+def test_bfloat16_forward_stays_close_to_float32(untied):
+    _, path = untied
+    ids, mask, pv, grid = image_batch()
+    with torch.no_grad():
+        ref = Qwen2_5_VL.from_pretrained(path)(ids, mask, pv, grid)
+        bf16 = Qwen2_5_VL.from_pretrained(path, dtype=torch.bfloat16)
+        assert bf16.lm_head.weight.dtype == torch.bfloat16
+        out = bf16(ids, mask, pv.bfloat16(), grid).float()
+    m = mask.bool()
+    assert torch.isfinite(out).all()
+    assert (out[m] - ref[m]).abs().max().item() <= 0.05 * ref[m].abs().max().item()
+
+
+def test_token_logps_with_frozen_lm_head_still_gives_hidden_gradients(ours):
+    ids, mask, pv, grid = image_batch()
+    ours.lm_head.weight.requires_grad_(False)
+    try:
+        ours.zero_grad()
+        ours.token_logps(ids, mask, pv, grid, logits_to_keep=4).sum().backward()
+        assert ours.lm_head.weight.grad is None
+        assert ours.model.language_model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    finally:
+        ours.lm_head.weight.requires_grad_(True)
+        ours.zero_grad()
