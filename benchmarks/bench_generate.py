@@ -11,9 +11,11 @@ fp32; in bf16 the two stacks round differently and greedy paths may part, so the
 fraction is printed instead). Tokens/s = B * G * max_new_tokens / wall time; the median of
 --repeats runs of each, interleaved, after one warm-up run of each.
 
-Run (CPU, the default config: 4 layers, hidden 256, 2 prompts x 8 samples x 64 tokens,
-one 224x224 image per prompt, fp32):
-    python benchmarks/bench_generate.py
+Run from the repository root (CPU, the default config: 4 layers, hidden 256, vocab 151936,
+2 prompts x 8 samples x 64 tokens, one 224x224 image per prompt, fp32):
+    PYTHONPATH=. python benchmarks/bench_generate.py --threads 1
+(On a CPU shared with other jobs, --threads 1 avoids OpenMP threads spinning against each
+other, which slowed both generators ~7x here; --vocab 2048 shows the overhead-bound case.)
 A GPU with the real 3B shapes (random weights):
     python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --preset qwen2.5-vl-3b
 """
@@ -38,8 +40,9 @@ BENCH_OVERRIDES = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=1
 def build_models(preset_name: str, vocab: int | None, device: str, dtype: torch.dtype, seed: int):
     """A random transformers Qwen2.5-VL and our Qwen2_5_VL sharing its weight tensors."""
     overrides = dict(BENCH_OVERRIDES) if preset_name == "tiny" else {}
-    if vocab:
-        overrides["vocab_size"] = vocab
+    if vocab:  # a small vocabulary moves the special tokens to its end
+        overrides.update(vocab_size=vocab, vision_start_token_id=vocab - 4, vision_end_token_id=vocab - 3,
+                         image_token_id=vocab - 2, video_token_id=vocab - 1)
     cfg = preset(preset_name, **overrides)
     hf_cfg = transformers.Qwen2_5_VLConfig(**cfg.to_hf_dict())
     hf_cfg.text_config.bos_token_id = hf_cfg.text_config.eos_token_id = None
@@ -65,7 +68,7 @@ def make_batch(cfg, num_prompts: int, image_size: int, device: str, dtype: torch
     patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
     prompts = []
     for i in range(num_prompts):
-        text = lambda n: torch.randint(10, 1000, (n,), generator=gen)  # noqa: E731
+        text = lambda n: torch.randint(10, min(1000, cfg.text.vocab_size - 4), (n,), generator=gen)  # noqa: E731
         prompts.append(torch.cat([text(12 + 5 * i), torch.tensor([cfg.vision_start_token_id]),
                                   torch.full((n_tokens,), cfg.image_token_id),
                                   torch.tensor([cfg.vision_end_token_id]), text(8)]))
