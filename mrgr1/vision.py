@@ -17,7 +17,8 @@ Pipeline:
   4. merger: RMSNorm, concatenate each 2x2 group, MLP -> one token in the text width;
      then undo the window reordering.
 
-Variable-length attention is a block-diagonal boolean mask for SDPA built from segment ids.
+Attention runs frame by frame (an image is one frame); inside a frame, window attention is a
+block-diagonal boolean mask for SDPA built from window ids.
 
 Example:
     >>> from mrgr1.config import preset
@@ -81,8 +82,8 @@ def window_order(grid_thw: torch.Tensor, merge: int, window: int) -> tuple[torch
 
 
 def segment_mask(segment: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal attention mask [1, 1, N, N]: token i sees token j iff same segment."""
-    return (segment[:, None] == segment[None, :])[None, None]
+    """Block-diagonal attention mask [1, N, N] (broadcast over heads): i sees j iff same segment."""
+    return (segment[:, None] == segment[None, :])[None]
 
 
 # ---------------------------------------------------------------- modules
@@ -109,11 +110,14 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, frames):
+        """frames: list of (start, end, mask) spans; attention stays inside each span (one image
+        frame), restricted further by its block-diagonal window mask (None = full attention)."""
         N, D = x.shape  # x: [N, D]
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).permute(1, 2, 0, 3)  # 3 x [H, N, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]  # [H, N, hd]
+        out = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], attn_mask=mask)
+                         for s, e, mask in frames], dim=1)  # [H, N, hd]
         return self.proj(out.transpose(0, 1).reshape(N, D))
 
 
@@ -125,8 +129,8 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def forward(self, x, cos, sin, frames):
+        x = x + self.attn(self.norm1(x), cos, sin, frames)
         return x + self.mlp(self.norm2(x))
 
 
@@ -171,8 +175,6 @@ class VisionTransformer(nn.Module):
         grid_thw = grid_thw.cpu()
         order, window_id = window_order(grid_thw, cfg.spatial_merge_size,
                                         cfg.window_size // cfg.spatial_merge_size // cfg.patch_size)
-        frame_id = torch.repeat_interleave(torch.arange(int(grid_thw[:, 0].sum())),
-                                           (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]))
 
         def reorder(t):  # [N, ...] patch-level -> window order, keeping each 2x2 group together
             return t.view(-1, unit, *t.shape[1:])[order.to(t.device)].flatten(0, 1)
@@ -180,13 +182,17 @@ class VisionTransformer(nn.Module):
         x = reorder(self.patch_embed(pixel_values))  # [N, D]
         cos, sin = self.rotary(reorder(patch_positions(grid_thw, cfg.spatial_merge_size)), x.device)
         device = x.device
-        window_mask = segment_mask(window_id.repeat_interleave(unit).to(device))  # [1, 1, N, N]
-        full_mask = segment_mask(frame_id.to(device))  # frames stay contiguous under the reordering
+        # Frames stay contiguous under the window reordering; attention never crosses them.
+        bounds = torch.cat([torch.zeros(1, dtype=torch.long),
+                            (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).cumsum(0)]).tolist()
+        patch_window = window_id.repeat_interleave(unit).to(device)  # [N]
+        windowed = [(s, e, segment_mask(patch_window[s:e])) for s, e in zip(bounds[:-1], bounds[1:])]
+        full = [(s, e, None) for s, e in zip(bounds[:-1], bounds[1:])]
         for i, block in enumerate(self.blocks):
-            mask = full_mask if i in cfg.fullatt_block_indexes else window_mask
+            frames = full if i in cfg.fullatt_block_indexes else windowed
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, frames, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask)
+                x = block(x, cos, sin, frames)
         merged = self.merger(x)  # [M, out], window order
         return merged[torch.argsort(order.to(device))]  # back to raster order
