@@ -98,12 +98,19 @@ def count_calls(model):
 
 # ----------------------------------------------------------------------------- vs transformers
 
-def test_greedy_equals_transformers_generate(models, batch):
+def test_greedy_equals_transformers_generate_token_for_token_and_logit_for_logit(models, batch):
     hf, model = models
-    expected = hf_generate(hf, batch, 12, do_sample=False)
-    completions, mask = ours(model, batch, 12, temperature=0)
-    assert torch.equal(completions, expected)
+    out = hf.generate(**batch, mm_token_type_ids=(batch["input_ids"] == IMAGE).int(), max_new_tokens=12,
+                      do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    calls, handle = count_calls(model)
+    try:
+        completions, mask = ours(model, batch, 12, temperature=0)
+    finally:
+        handle.remove()
+    assert torch.equal(completions, out.sequences[:, batch["input_ids"].shape[1]:])
     assert mask.all()
+    for step, logits in enumerate(calls):  # the next-token logits of every step, prefill included
+        torch.testing.assert_close(logits[:, -1], out.logits[step], atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_samples_equal_transformers_top_k_1_sampling(models, batch):
