@@ -3,6 +3,7 @@
     python train_grpo.py --dataset demo                 # the embedded demo, CPU, a few minutes
     python train_grpo.py --dataset iu_xray --policy huatuogpt-vision-7b --labeler chexbert \
         --dtype bfloat16 --grad-checkpointing --output-dir runs/iu_xray
+    torchrun --nproc_per_node 4 train_grpo.py ...       # one process per GPU (mrgr1/distributed.py)
 
 One step, top to bottom (see mrgr1/trainer.py for each piece):
     B studies -> G completions each (KV-cache sampler) -> reward 0.75 MCCS + 0.25 format
@@ -25,7 +26,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from mrgr1 import checkpoint, data, lora, pipeline, trainer
+from mrgr1 import checkpoint, data, distributed, lora, pipeline, trainer
 from mrgr1.metrics import format_table
 
 # Defaults that differ between the demo (tiny model, CPU, minutes) and a real run. None of the real
@@ -134,34 +135,38 @@ def prepare_policy(args, train_studies, device):
         return pipeline.load_policy(sft_dir, dtype=args.dtype, device=device)
     start = args.policy
     if args.policy == "tiny":
-        if not os.path.isfile(os.path.join(init_dir, "config.json")):
-            pipeline.tiny_policy_folder(init_dir, [s.report for s in train_studies], seed=args.seed)
+        with distributed.rank0_first():  # rank 0 writes the folder, the other ranks then read it
+            if not os.path.isfile(os.path.join(init_dir, "config.json")):
+                pipeline.tiny_policy_folder(init_dir, [s.report for s in train_studies], seed=args.seed)
         start = init_dir
     model, processor = pipeline.load_policy(start, weights_dir=args.weights_dir, dtype=args.dtype, device=device)
     if args.sft_steps > 0:
         run_sft(args, model, processor, train_studies)
-        shutil.rmtree(sft_dir + ".tmp", ignore_errors=True)
-        model.save_pretrained(sft_dir + ".tmp")
-        processor.save_pretrained(sft_dir + ".tmp")
-        os.replace(sft_dir + ".tmp", sft_dir)  # a crash while saving leaves no half SFT model
+        if distributed.is_main():  # every rank holds the same SFT weights; one writes them
+            shutil.rmtree(sft_dir + ".tmp", ignore_errors=True)
+            model.save_pretrained(sft_dir + ".tmp")
+            processor.save_pretrained(sft_dir + ".tmp")
+            os.replace(sft_dir + ".tmp", sft_dir)  # a crash while saving leaves no half SFT model
     return model, processor
 
 
 def run_sft(args, model, processor, studies):
     """Teacher-forced MLE on the reference reports in the target format (full fine-tuning for
-    the tiny model, LoRA merged back into the weights for a pretrained one)."""
+    the tiny model, LoRA merged back into the weights for a pretrained one). Several ranks: each
+    takes its slice of every batch and the gradients are summed, as in GRPO."""
     use_lora = args.policy != "tiny"
     if use_lora:
         lora.apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
     optimizer, scheduler = make_optimizer(model, args.sft_lr, args.weight_decay, args.sft_steps, args.warmup_ratio)
     eos = pipeline.special_ids(processor)["eos_token_ids"]
-    bar = tqdm(range(args.sft_steps), desc="SFT", dynamic_ncols=True)
+    bar = tqdm(range(args.sft_steps), desc="SFT", dynamic_ncols=True, disable=not distributed.is_main())
     epoch, batches = 0, []
     for _ in bar:
         if not batches:
             batches = data.batch_indices(len(studies), args.sft_batch_size, args.seed + 1000, epoch, drop_last=True)
             epoch += 1
-        batch = [studies[i] for i in batches.pop(0)]
+        batch = [studies[i] for i in distributed.shard(batches.pop(0), "--sft-batch-size")]
         loss = trainer.sft_step(model, processor, batch, optimizer, scheduler, eos_token_id=eos[0],
                                 max_grad_norm=args.max_grad_norm)
         bar.set_postfix(loss=f"{loss:.3f}")
@@ -171,10 +176,12 @@ def run_sft(args, model, processor, studies):
 
 
 def evaluate_ce(args, model, processor, labeler, studies, title) -> dict:
-    texts = trainer.generate_reports(model, processor, studies, max_new_tokens=args.max_new_tokens,
-                                     **pipeline.special_ids(processor))
-    scores = trainer.ce_of_texts(texts, studies, labeler)
-    print(f"\n{title}: CE-F1 (micro, R2GenCMN convention) {scores['ce_micro/f1']:.4f} | "
+    """CE of greedy reports; several ranks: each writes its part, every rank scores them all."""
+    texts = trainer.generate_reports(model, processor, distributed.split_evenly(studies),
+                                     max_new_tokens=args.max_new_tokens, **pipeline.special_ids(processor))
+    scores = trainer.ce_of_texts(distributed.gather_lists(texts), studies, labeler)
+    if distributed.is_main():
+        print(f"\n{title}: CE-F1 (micro, R2GenCMN convention) {scores['ce_micro/f1']:.4f} | "
           f"CE-F1 (example, PromptMRG) {scores['ce_example/f1']:.4f} on {len(studies)} studies")
     return scores
 
@@ -184,7 +191,7 @@ def evaluate_ce(args, model, processor, labeler, studies, title) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = pipeline.pick_device(args.device)
+    device = distributed.init(args.device)  # several ranks (torchrun): join them, cuda:LOCAL_RANK
     os.makedirs(args.output_dir, exist_ok=True)
     resume_from = checkpoint.find_latest(args.output_dir) if args.resume else None
     if args.resume and resume_from is None:
@@ -192,9 +199,13 @@ def main(argv=None) -> dict:
                                          f"file is missing); run without --resume to start")
 
     # Everything that can be missing is checked before any work.
-    train_studies = pipeline.load_studies(args.dataset, args.data_root, "train", all_images=args.all_images)
-    test_studies = pipeline.load_studies(args.dataset, args.data_root, "test",
-                                         all_images=args.all_images)[:args.eval_limit]
+    distributed.check_divisible(args.batch_size, "--batch-size")
+    if args.sft_steps > 0:
+        distributed.check_divisible(args.sft_batch_size, "--sft-batch-size")
+    with distributed.rank0_first():  # the demo set is drawn on first use, by rank 0
+        train_studies = pipeline.load_studies(args.dataset, args.data_root, "train", all_images=args.all_images)
+        test_studies = pipeline.load_studies(args.dataset, args.data_root, "test",
+                                             all_images=args.all_images)[:args.eval_limit]
     labeler = pipeline.build_labeler(args.labeler, args.chexbert_weights, args.weights_dir, device)
     if args.policy != "tiny":
         pipeline.weights.resolve_policy(args.policy, args.weights_dir)
@@ -211,6 +222,7 @@ def main(argv=None) -> dict:
         lora.apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
     elif args.beta != 0:
         ref_model = lora.frozen_copy(model)
+    distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])  # same start
     cfg = grpo_config(args)
     steps = args.steps if args.epochs is None else int(args.epochs * len(train_studies) // args.batch_size)
     optimizer, scheduler = make_optimizer(model, args.lr, args.weight_decay, steps * args.num_iterations,
@@ -220,7 +232,8 @@ def main(argv=None) -> dict:
     if resume_from:
         state = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler)
         checkpoint.restore_rng_states(state["rng"], rollout_gen)
-        print(f"resumed from {resume_from} at step {state['step']}")
+        if distributed.is_main():
+            print(f"resumed from {resume_from} at step {state['step']}")
     special = pipeline.special_ids(processor)
     reward_cache = {}
     log_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -236,10 +249,12 @@ def main(argv=None) -> dict:
     def on_sigint(signum, frame):
         nonlocal interrupted
         interrupted = True
-        print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping")
+        if distributed.is_main():
+            print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping")
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
 
-    bar = tqdm(range(state["step"], steps), desc="GRPO", dynamic_ncols=True, initial=state["step"], total=steps)
+    bar = tqdm(range(state["step"], steps), desc="GRPO", dynamic_ncols=True, initial=state["step"], total=steps,
+               disable=not distributed.is_main())
     try:
         for step in bar:
             batches = data.batch_indices(len(train_studies), args.batch_size, args.seed, state["epoch"],
@@ -248,35 +263,43 @@ def main(argv=None) -> dict:
                 state["epoch"], state["batch"] = state["epoch"] + 1, 0
                 batches = data.batch_indices(len(train_studies), args.batch_size, args.seed, state["epoch"],
                                              drop_last=True)
-            studies = [train_studies[i] for i in batches[state["batch"]]]
+            studies = [train_studies[i] for i in distributed.shard(batches[state["batch"]])]  # this rank's
             state["batch"] += 1
+            if distributed.world_size() > 1:  # per-rank samples, from nothing saved: resume with any ranks
+                rollout_gen.manual_seed(distributed.rollout_seed(args.seed, distributed.rank(), step))
             t0 = time.time()
             rollout = trainer.collect_rollout(model, processor, studies, labeler, cfg, rollout_gen,
                                               ref_model=ref_model, reward_cache=reward_cache,
                                               **special)
-            stats = {"step": step + 1, **trainer.rollout_stats(rollout, cfg),
-                     **trainer.grpo_update(model, rollout, optimizer, scheduler, cfg),
+            stats = {"step": step + 1, **distributed.mean_across_ranks(
+                         {**trainer.rollout_stats(rollout, cfg),
+                          **trainer.grpo_update(model, rollout, optimizer, scheduler, cfg)}),
                      "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(stats) + "\n")
+            interrupted = distributed.any_rank(interrupted)  # every rank stops at the same step
+            if distributed.is_main():
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(stats) + "\n")
             bar.set_postfix(reward=f"{stats['reward']:.3f}", mccs=f"{stats.get('rewards/mccs/mean', 0):.3f}",
                             kl=f"{stats.get('kl', 0):.4f}", len=f"{stats['completions/mean_length']:.0f}")
-            if args.sample_every and (step + 1) % args.sample_every == 0:
+            if args.sample_every and (step + 1) % args.sample_every == 0 and distributed.is_main():
                 tqdm.write(f"[step {step + 1}] reward {rollout.rewards[0]:.3f}: {rollout.texts[0][:300]}")
-            if (step + 1) % args.save_every == 0 or step + 1 == steps or interrupted:
+            if ((step + 1) % args.save_every == 0 or step + 1 == steps or interrupted) and distributed.is_main():
                 save(step + 1)
             if interrupted:
-                print(f"stopped at step {step + 1}; continue with --resume")
+                if distributed.is_main():
+                    print(f"stopped at step {step + 1}; continue with --resume")
                 return results
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 
-    if lora.lora_layers(model):
+    if lora.lora_layers(model) and distributed.is_main():
         lora.save_adapter(model, os.path.join(args.output_dir, "final"), base_model_name_or_path=args.policy)
     if args.eval_limit:
         results["after"] = evaluate_ce(args, model, processor, labeler, test_studies, "after GRPO")
-        print(format_table(results["after"]))
-    plot_curves(log_path, os.path.join(args.output_dir, "curves.png"))
+        if distributed.is_main():
+            print(format_table(results["after"]))
+    if distributed.is_main():
+        plot_curves(log_path, os.path.join(args.output_dir, "curves.png"))
     return results
 
 
@@ -302,3 +325,4 @@ def plot_curves(log_path: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    distributed.cleanup()

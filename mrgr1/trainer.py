@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import grpo, lora
+from . import distributed, grpo, lora
 from .data import Study, load_images
 from .generate import generate
 from .metrics import ce_scores
@@ -169,7 +169,11 @@ def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOCo
     refs = [s.report for s in studies for _ in range(G)]
     rewards, parts = compute_rewards(texts, ids, refs, labeler, weights=cfg.reward_weights,
                                      margin=cfg.mccs_margin, kind=cfg.reward_kind, cache=reward_cache)
-    advantages = grpo.group_advantages(rewards, G, scale=cfg.scale_rewards)    # [N]
+    if cfg.scale_rewards == "batch" and distributed.world_size() > 1:  # the std of every rank's rewards
+        batch_std = distributed.gather_rows(rewards.to(device)).float().std().cpu()
+        advantages = grpo.group_advantages(rewards, G, scale="none") / (batch_std + 1e-4)  # [N]
+    else:
+        advantages = grpo.group_advantages(rewards, G, scale=cfg.scale_rewards)    # [N]
 
     sequences = join_completions(repeat_prompts(prompts, G), completions, cmask)
     sequences["images_per_row"] = prompts["images_per_prompt"].repeat_interleave(G)
@@ -194,7 +198,9 @@ def grpo_update(model, rollout: Rollout, optimizer, scheduler, cfg: GRPOConfig) 
     if cfg.mask_truncated:
         mask = grpo.mask_truncated(mask, rollout.truncated)
     n, width = mask.shape
-    normalizer = grpo.loss_normalizer(mask, cfg.loss_type, cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else None)
+    # several ranks: the whole (global) batch's normaliser, and the gradients summed over ranks
+    normalizer = distributed.global_loss_normalizer(mask, cfg.loss_type,
+                                                    cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else None)
     micro = max(1, -(-n // cfg.grad_accum))
     model.train()
     history = []
@@ -217,10 +223,11 @@ def grpo_update(model, rollout: Rollout, optimizer, scheduler, cfg: GRPOConfig) 
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v * weight
         params = [p for p in model.parameters() if p.requires_grad]
+        distributed.sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        history.append({"loss": loss_sum, "grad_norm": float(grad_norm), **totals})
+        history.append({"loss": distributed.sum_across_ranks(loss_sum), "grad_norm": float(grad_norm), **totals})
     return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
 
 
@@ -263,13 +270,15 @@ def sft_step(model, processor, studies: list[Study], optimizer, scheduler, *, eo
     seqs = join_completions(prompts, ids, mask)
     logps = model.token_logps(seqs["input_ids"], seqs["attention_mask"], seqs.get("pixel_values"),
                               seqs.get("image_grid_thw"), logits_to_keep=ids.shape[1])  # [B, C]
-    loss = -(logps * mask).sum() / mask.sum()
+    loss = -(logps * mask).sum() / distributed.global_token_count(mask)  # several ranks: all their tokens
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    distributed.sum_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
-    return float(loss.detach())
+    return distributed.sum_across_ranks(float(loss.detach()))
 
 
 # ----------------------------------------------------------------------------- evaluation
