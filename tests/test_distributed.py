@@ -128,6 +128,16 @@ def one_update(model, start: dict, rollout, loss_type: str) -> dict:
     return out
 
 
+def one_sft_step(model, start: dict, processor, studies) -> dict:
+    """One plain-SGD SFT step from `start`; the loss divides by every rank's token count."""
+    model.load_state_dict(start, strict=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss = trainer.sft_step(model, processor, studies, optimizer, scheduler, max_grad_norm=1e9,
+                            eos_token_id=pipeline.special_ids(processor)["eos_token_ids"][0])
+    return {**{f"sft/{k}": v for k, v in trainable(model).items()}, "sft/loss": torch.tensor([loss])}
+
+
 def fixed_rewards(completions, ids, *args, **kwargs):
     """Rewards that depend only on (study, member): the same on a rank as in the single process."""
     values = [sum(map(ord, i)) % 7 / 7 + 0.3 * (j % 2) for j, i in enumerate(ids)]
@@ -144,6 +154,7 @@ def _update_my_rows(rank, folder, start, rollout, studies, out_dir):
     results = {}
     for loss_type in LOSS_TYPES:
         results.update(one_update(model, start, mine, loss_type))
+    results.update(one_sft_step(model, start, processor, distributed.shard(studies)))
     # --scale-rewards batch: the std of every rank's rewards, not of this rank's
     trainer.compute_rewards = fixed_rewards
     cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=4, beta=0.0, scale_rewards="batch")
@@ -154,7 +165,7 @@ def _update_my_rows(rank, folder, start, rollout, studies, out_dir):
     distributed.cleanup()
 
 
-def test_two_ranks_make_the_single_process_update(demo_root, tmp_path):
+def test_two_ranks_make_the_single_process_update_and_sft_step(demo_root, tmp_path):
     studies = data.load_split("demo", demo_root, "train")
     folder = pipeline.tiny_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
     model, processor = pipeline.load_policy(folder)
@@ -171,18 +182,19 @@ def test_two_ranks_make_the_single_process_update(demo_root, tmp_path):
     expected = {}
     for loss_type in LOSS_TYPES:
         expected.update(one_update(model, start, rollout, loss_type))
+    expected.update(one_sft_step(model, start, processor, studies[:2]))
 
     codes = run_ranks(tmp_path, _update_my_rows, folder, start, rollout, studies[:2], str(tmp_path))
     assert codes == [0, 0], errors(tmp_path)
     for rank in (0, 1):
         got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
-        for loss_type in LOSS_TYPES:
+        for loss_type in LOSS_TYPES + ("sft",):
             moved = max(float((expected[f"{loss_type}/{k}"] - v).abs().max()) for k, v in start.items())
             assert moved > 1e-3, f"{loss_type}: the single-process step must move the adapters"
             for k in start:
                 key = f"{loss_type}/{k}"
                 assert torch.allclose(got[key], expected[key], atol=1e-5, rtol=0), (rank, key)
-            for stat in ("loss", "grad_norm"):
+            for stat in ("loss", "grad_norm") if loss_type != "sft" else ("loss",):
                 key = f"{loss_type}/{stat}"
                 assert torch.allclose(got[key], expected[key], atol=1e-5, rtol=1e-5), (rank, key)
         # the whole batch's rewards, scaled by the whole batch's std; each rank holds its rows
