@@ -17,8 +17,11 @@ Pipeline:
   4. merger: RMSNorm, concatenate each 2x2 group, MLP -> one token in the text width;
      then undo the window reordering.
 
-Attention runs frame by frame (an image is one frame); inside a frame, window attention is a
-block-diagonal boolean mask for SDPA built from window ids.
+Variable-length attention without a mask: the patches are cut into contiguous segments (windows,
+or whole frames for the full-attention blocks); segments of equal length are gathered into one
+batch [n_segments, heads, length, head_dim] and go through SDPA together (`segment_attention`).
+Cost is sum(n_i^2) over segments, never N^2 over the batch; a window grid has at most four
+lengths per image size (inner, right edge, bottom edge, corner), so there are only a few calls.
 
 Example:
     >>> from mrgr1.config import preset
@@ -28,6 +31,8 @@ Example:
     torch.Size([6, 64])
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -81,9 +86,35 @@ def window_order(grid_thw: torch.Tensor, merge: int, window: int) -> tuple[torch
     return torch.cat(orders), torch.cat(ids)
 
 
-def segment_mask(segment: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal attention mask [1, N, N] (broadcast over heads): i sees j iff same segment."""
-    return (segment[:, None] == segment[None, :])[None]
+class Segments(NamedTuple):
+    """Contiguous attention segments of a sequence, grouped by length (see `segments_by_length`)."""
+    groups: list[torch.Tensor]  # one [n_seg, L] index tensor per distinct length L: row = one segment
+    inverse: torch.Tensor  # [N]: concatenated group outputs -> original patch order
+
+
+def segments_by_length(lengths: list[int], device=None) -> Segments:
+    """Group contiguous segments of the given lengths (in sequence order) by length.
+
+    Example: lengths [4, 2, 4] -> groups [[0, 1, 2, 3], [6, 7, 8, 9]] (L = 4) and [[4, 5]] (L = 2);
+    inverse = argsort([0, 1, 2, 3, 6, 7, 8, 9, 4, 5])."""
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)  # [S]
+    sizes = torch.tensor(lengths)  # [S]
+    groups = [starts[sizes == L, None] + torch.arange(L) for L in sorted(set(lengths))]
+    inverse = torch.argsort(torch.cat([g.flatten() for g in groups]))
+    return Segments([g.to(device) for g in groups], inverse.to(device))
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v with each token attending only inside its own segment.
+
+    q, k, v [N, H, hd] -> [N, H, hd]. Equals SDPA over the whole sequence with a block-diagonal
+    mask, but each length group is one maskless batched SDPA call on [n_seg, H, L, hd]."""
+    outs = []
+    for index in segments.groups:  # [n_seg, L]
+        qg, kg, vg = (t[index].transpose(1, 2) for t in (q, k, v))  # [n_seg, H, L, hd]
+        out = F.scaled_dot_product_attention(qg, kg, vg)  # [n_seg, H, L, hd]
+        outs.append(out.transpose(1, 2).flatten(0, 1))  # [n_seg * L, H, hd]
+    return torch.cat(outs)[segments.inverse]  # [N, H, hd]
 
 
 # ---------------------------------------------------------------- modules
@@ -110,15 +141,12 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x, cos, sin, frames):
-        """frames: list of (start, end, mask) spans; attention stays inside each span (one image
-        frame), restricted further by its block-diagonal window mask (None = full attention)."""
-        N, D = x.shape  # x: [N, D]
-        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).permute(1, 2, 0, 3)  # 3 x [H, N, hd]
+    def forward(self, x, cos, sin, segments: Segments):
+        """Attention inside each segment (a window, or a whole frame): x [N, D] -> [N, D]."""
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # 3 x [N, H, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], attn_mask=mask)
-                         for s, e, mask in frames], dim=1)  # [H, N, hd]
-        return self.proj(out.transpose(0, 1).reshape(N, D))
+        return self.proj(segment_attention(q, k, v, segments).reshape(N, D))
 
 
 class VisionBlock(nn.Module):
@@ -129,8 +157,8 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, frames):
-        x = x + self.attn(self.norm1(x), cos, sin, frames)
+    def forward(self, x, cos, sin, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -158,12 +186,12 @@ class VisionTransformer(nn.Module):
         self.gradient_checkpointing = False
 
     def rotary(self, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """2D RoPE cos/sin [1, N, hd] from (row, col) [N, 2]: head_dim/4 frequencies per axis."""
+        """2D RoPE cos/sin [N, 1, hd] from (row, col) [N, 2]: head_dim/4 frequencies per axis."""
         inv_freq = inverse_frequencies(self.cfg.head_dim // 2, self.cfg.rope_theta, device)  # [hd/4]
         angles = positions.to(device).float()[..., None] * inv_freq  # [N, 2, hd/4]
         angles = angles.flatten(1)  # [N, hd/2]: row angles then column angles
         angles = torch.cat((angles, angles), dim=-1)  # [N, hd]
-        return angles.cos()[None], angles.sin()[None]
+        return angles.cos()[:, None], angles.sin()[:, None]  # broadcast over heads
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C*T*P*P], grid_thw [n_images, 3] -> image tokens [N / merge^2, out_hidden]."""
@@ -182,17 +210,15 @@ class VisionTransformer(nn.Module):
         x = reorder(self.patch_embed(pixel_values))  # [N, D]
         cos, sin = self.rotary(reorder(patch_positions(grid_thw, cfg.spatial_merge_size)), x.device)
         device = x.device
-        # Frames stay contiguous under the window reordering; attention never crosses them.
-        bounds = torch.cat([torch.zeros(1, dtype=torch.long),
-                            (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).cumsum(0)]).tolist()
-        patch_window = window_id.repeat_interleave(unit).to(device)  # [N]
-        windowed = [(s, e, segment_mask(patch_window[s:e])) for s, e in zip(bounds[:-1], bounds[1:])]
-        full = [(s, e, None) for s, e in zip(bounds[:-1], bounds[1:])]
+        # Windows and frames are both contiguous in window order; attention never crosses a frame.
+        window_sizes = (torch.unique_consecutive(window_id, return_counts=True)[1] * unit).tolist()
+        frame_sizes = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).tolist()
+        windowed, full = segments_by_length(window_sizes, device), segments_by_length(frame_sizes, device)
         for i, block in enumerate(self.blocks):
-            frames = full if i in cfg.fullatt_block_indexes else windowed
+            segments = full if i in cfg.fullatt_block_indexes else windowed
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, frames, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, segments, use_reentrant=False)
             else:
-                x = block(x, cos, sin, frames)
+                x = block(x, cos, sin, segments)
         merged = self.merger(x)  # [M, out], window order
         return merged[torch.argsort(order.to(device))]  # back to raster order

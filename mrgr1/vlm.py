@@ -17,6 +17,9 @@ Example:
     >>> model = Qwen2_5_VL.from_pretrained("path/to/Qwen2.5-VL-3B-Instruct", dtype=torch.bfloat16)
     >>> logits = model(input_ids, attention_mask, pixel_values, image_grid_thw)   # [B, T, V]
     >>> logps = model.token_logps(ids, mask, pv, grid, logits_to_keep=64)       # [B, 64]
+    >>> with torch.no_grad():                                  # frozen vision tower: once per prompt
+    ...     feats = model.image_features(pv, grid)                             # [n_image_tokens, D]
+    >>> logps = model.token_logps(ids, mask, None, grid, image_features=feats, logits_to_keep=64)
 """
 from __future__ import annotations
 
@@ -140,17 +143,36 @@ class Qwen2_5_VL(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
-        """Token embeddings [B, T, D] with image features written over the <|image_pad|> tokens."""
+    def image_features(self, pixel_values, image_grid_thw) -> torch.Tensor:
+        """The vision tower's image tokens [n_image_tokens, D] for these images, in order.
+
+        GRPO scores G rows per prompt with the same images: with a frozen vision tower, compute
+        this once per prompt under torch.no_grad(), repeat it per row, and pass it as
+        `image_features=` to forward / hidden_states / token_logps instead of pixel_values."""
+        if image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw (one (t, h, w) row per image)")
+        return self.model.visual(pixel_values, image_grid_thw)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_features=None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with image features written over the <|image_pad|> tokens.
+
+        The features come from `image_features` [n_image_tokens, D] when given, else from
+        running the vision tower on pixel_values; give one or the other, not both."""
         embeds = self.model.language_model.embed_tokens(input_ids)  # [B, T, D]
         is_image = input_ids == self.cfg.image_token_id  # [B, T]
-        if pixel_values is None:
+        if image_features is not None and pixel_values is not None:
+            raise ValueError("pass either pixel_values or image_features (computed from them), not both")
+        if image_features is not None and image_grid_thw is None:
+            raise ValueError("image_features given without image_grid_thw: the M-RoPE positions need each "
+                             "image's (t, h, w)")
+        if image_features is None and pixel_values is None:
             if is_image.any():
-                raise ValueError(f"input_ids contain {int(is_image.sum())} <|image_pad|> tokens but no pixel_values")
+                raise ValueError(f"input_ids contain {int(is_image.sum())} <|image_pad|> tokens but neither "
+                                 "pixel_values nor image_features")
             return embeds
-        if image_grid_thw is None:
-            raise ValueError("pixel_values given without image_grid_thw")
-        features = self.model.visual(pixel_values, image_grid_thw).to(embeds.dtype)  # [n_tokens, D]
+        if image_features is None:
+            image_features = self.image_features(pixel_values, image_grid_thw)
+        features = image_features.to(embeds.dtype)  # [n_tokens, D]
         if int(is_image.sum()) != features.shape[0]:
             raise ValueError(f"input_ids contain {int(is_image.sum())} <|image_pad|> tokens (id "
                              f"{self.cfg.image_token_id}) but the images give {features.shape[0]} features; "
@@ -158,8 +180,11 @@ class Qwen2_5_VL(nn.Module):
         return embeds.masked_scatter(is_image[..., None], features)
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
-                      position_ids=None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, D]; with a cache, writes it and advances its length."""
+                      image_features=None, position_ids=None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, D]; with a cache, writes it and advances its length.
+
+        image_features [n_image_tokens, D] (from `image_features`) replaces pixel_values;
+        image_grid_thw is still needed for the M-RoPE positions."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if attention_mask is None:
@@ -172,7 +197,7 @@ class Qwen2_5_VL(nn.Module):
                 raise ValueError("decoding with a filled KVCache needs position_ids: pass "
                                  "decode_position_ids(rope_deltas, kv_cache.length, T) (rope_deltas from rope_index)")
             position_ids, _ = self.rope_index(input_ids, attention_mask, image_grid_thw)
-        embeds = self.embed(input_ids, pixel_values, image_grid_thw)
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw, image_features)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         self.model.visual.gradient_checkpointing = self.gradient_checkpointing
         hidden = self.model.language_model(embeds, position_ids, attention_mask, kv_cache, checkpoint_layers=ckpt)
@@ -181,16 +206,18 @@ class Qwen2_5_VL(nn.Module):
         return hidden
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
-                position_ids=None, kv_cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                image_features=None, position_ids=None, kv_cache: KVCache | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
         """Logits [B, T, V], or [B, logits_to_keep, V] for the last positions only."""
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
-                                    position_ids=position_ids, kv_cache=kv_cache)
+                                    image_features=image_features, position_ids=position_ids, kv_cache=kv_cache)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
 
     def token_logps(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
-                    logits_to_keep: int, temperature: float = 1.0, chunk_size: int = 256) -> torch.Tensor:
+                    image_features=None, logits_to_keep: int, temperature: float = 1.0,
+                    chunk_size: int = 256) -> torch.Tensor:
         """log p(input_ids[:, t] | input_ids[:, :t]) for the last `logits_to_keep` tokens -> [B, k].
 
         Logits are divided by `temperature`. The lm_head and log-softmax run on `chunk_size`
@@ -199,7 +226,8 @@ class Qwen2_5_VL(nn.Module):
         k = logits_to_keep
         if not 0 < k < input_ids.shape[1]:
             raise ValueError(f"logits_to_keep={k} must be in [1, T-1] for T={input_ids.shape[1]}")
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw)  # [B, T, D]
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                    image_features=image_features)  # [B, T, D]
         h = hidden[:, -k - 1:-1].reshape(-1, hidden.shape[-1])  # position t-1 predicts token t  [B*k, D]
         targets = input_ids[:, -k:].reshape(-1)  # [B*k]
         out = [ChunkLogps.apply(h[s:s + chunk_size], self.lm_head.weight, targets[s:s + chunk_size], temperature)

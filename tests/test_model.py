@@ -5,7 +5,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from mrgr1.config import ModelConfig, preset
 from mrgr1.vlm import KVCache, Qwen2_5_VL, decode_position_ids
@@ -291,3 +293,114 @@ def test_token_logps_with_frozen_lm_head_still_gives_hidden_gradients(ours):
     finally:
         ours.lm_head.weight.requires_grad_(True)
         ours.zero_grad()
+
+
+# ---------------------------------------------------------------- vision attention by segments
+
+def test_segment_attention_equals_block_diagonal_masked_sdpa():
+    from mrgr1.vision import segment_attention, segments_by_length
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [16, 8, 16, 4, 1, 16, 8, 12]  # repeated lengths share one batched call; a singleton too
+    N, H, hd = sum(lengths), 2, 8
+    q, k, v = (torch.randn(N, H, hd, generator=g, requires_grad=True) for _ in range(3))
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # [N]
+    mask = segment[:, None] == segment[None, :]  # [N, N] block-diagonal: the reference, built here only
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask).transpose(0, 1)  # [N, H, hd]
+    segments = segments_by_length(lengths)
+    assert [tuple(i.shape) for i in segments.groups] == [(1, 1), (1, 4), (2, 8), (1, 12), (3, 16)]
+    out = segment_attention(q, k, v, segments)
+    assert (out - ref).abs().max().item() <= 1e-6
+    w = torch.randn(N, H, hd, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+class LargestTensor(TorchFunctionMode):
+    """Records the element count of the largest tensor any torch call returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_vision_tower_on_many_images_builds_no_patches_by_patches_tensor(ours):
+    visual = ours.model.visual
+    # 160 images of 4x4 patches (one window each) + two larger ones with edge windows.
+    grid = torch.tensor([[1, 4, 4]] * 160 + [[1, 10, 12], [1, 8, 6]])
+    N = int(grid.prod(-1).sum())  # 2728 patches
+    pv = torch.randn(N, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), LargestTensor() as largest:
+        out = visual(pv, grid)
+    assert largest.numel >= N * visual.cfg.hidden_size  # it saw the per-patch activations
+    # The largest tensor is per patch (the input pixels); a mask over the batch would be N x N.
+    assert largest.numel <= N * pv.shape[1] < N * N
+    # Attention never crosses images: each image alone gives the same tokens.
+    starts = [0] + grid.prod(-1).cumsum(0).tolist()  # patch offset of each image
+    with torch.no_grad():
+        for i in (0, 159, 160, 161):
+            one = visual(pv[starts[i]:starts[i + 1]], grid[i:i + 1])  # [n_i / 4, D]
+            assert (one - out[starts[i] // 4:starts[i + 1] // 4]).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------- precomputed image features
+
+def test_token_logps_with_image_features_equal_pixel_values_exactly(ours):
+    ids, mask, pv, grid = image_batch()
+    k = 4
+    ours.zero_grad()
+    ref = ours.token_logps(ids, mask, pv, grid, logits_to_keep=k)
+    ref.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in ours.named_parameters() if not n.startswith("model.visual.")}
+    ours.zero_grad()
+    with torch.no_grad():
+        features = ours.image_features(pv, grid)  # [36, 64]: computed once, no graph
+    out = ours.token_logps(ids, mask, None, grid, image_features=features, logits_to_keep=k)
+    out.sum().backward()
+    assert features.shape == (36, 64)
+    assert torch.equal(out, ref)
+    assert not features.requires_grad and features.grad is None
+    assert all(p.grad is None for p in ours.model.visual.parameters())  # nothing flows into the tower
+    for n, p in ours.named_parameters():
+        if not n.startswith("model.visual."):
+            assert torch.equal(p.grad, ref_grads[n]), n  # the decoder gets the same gradients
+    assert ours.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    ours.zero_grad()
+
+
+def test_features_once_per_prompt_repeated_for_g_rows_match_repeated_images(ours):
+    ids, mask, pv, grid = image_batch()
+    G, k = 3, 4
+    rep = lambda t: t.repeat_interleave(G, 0)  # prompt b -> rows b*G .. b*G+G-1  # noqa: E731
+    counts = (ids == IMG).sum(1).tolist()  # image tokens per prompt: [6, 30]
+    with torch.no_grad():
+        features = ours.image_features(pv, grid)  # [36, D], one pass over the B prompts' images
+        row_features = torch.cat([f.repeat(G, 1) for f in features.split(counts)])  # [G*36, D]
+        pv_rows = torch.cat([p.repeat(G, 1) for p in pv.split(grid.prod(-1).tolist())])  # each image G times
+        ref = ours.token_logps(rep(ids), rep(mask), pv_rows, rep(grid), logits_to_keep=k)
+        out = ours.token_logps(rep(ids), rep(mask), None, rep(grid), image_features=row_features,
+                               logits_to_keep=k)
+    assert out.shape == (2 * G, k)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_image_features_misuse_is_a_clear_error(ours):
+    ids, mask, pv, grid = image_batch()
+    with torch.no_grad():
+        features = ours.image_features(pv, grid)
+        with pytest.raises(ValueError, match="not both"):
+            ours(ids, mask, pv, grid, image_features=features)
+        with pytest.raises(ValueError, match="without image_grid_thw"):
+            ours.embed(ids, image_features=features)
+        with pytest.raises(ValueError, match=r"36 <\|image_pad\|> tokens .* give 35 features"):
+            ours(ids, mask, None, grid, image_features=features[:-1])
