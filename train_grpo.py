@@ -81,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--dtype", default="float32", choices=tuple(pipeline.DTYPES))
     a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     a("--grad-checkpointing", action="store_true")
+    a("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
     a("--seed", type=int, default=0)
     a("--output-dir", default=None, help="default runs/<dataset>")
     a("--save-every", type=int, default=None)
@@ -191,6 +192,8 @@ def evaluate_ce(args, model, processor, labeler, studies, title) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = distributed.init(args.device)  # several ranks (torchrun): join them, cuda:LOCAL_RANK
     os.makedirs(args.output_dir, exist_ok=True)
     resume_from = checkpoint.find_latest(args.output_dir) if args.resume else None
