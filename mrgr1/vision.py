@@ -20,8 +20,9 @@ Pipeline:
 Variable-length attention without a mask: the patches are cut into contiguous segments (windows,
 or whole frames for the full-attention blocks); segments of equal length are gathered into one
 batch [n_segments, heads, length, head_dim] and go through SDPA together (`segment_attention`).
-Cost is sum(n_i^2) over segments, never N^2 over the batch; a window grid has at most four
-lengths per image size (inner, right edge, bottom edge, corner), so there are only a few calls.
+Cost is sum(n_i^2) over segments, never N^2 over the batch. There are few calls: whatever the
+image sizes, windows of 112 px take at most 9 lengths (a * b merged tokens, a, b <= 4), and
+frames one length per distinct image size.
 
 Example:
     >>> from mrgr1.config import preset

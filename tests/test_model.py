@@ -404,3 +404,14 @@ def test_image_features_misuse_is_a_clear_error(ours):
             ours.embed(ids, image_features=features)
         with pytest.raises(ValueError, match=r"36 <\|image_pad\|> tokens .* give 35 features"):
             ours(ids, mask, None, grid, image_features=features[:-1])
+
+
+def test_vision_tower_matches_transformers_on_mixed_sizes_and_two_frames(untied, ours):
+    hf, _ = untied
+    grid = torch.tensor([[1, 4, 6], [2, 8, 6], [1, 10, 12], [1, 4, 6]])  # repeated size, t = 2, edge windows
+    pv = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf.model.visual(pv, grid_thw=grid).pooler_output
+        out = ours.model.visual(pv, grid)
+    assert out.shape == ref.shape == (6 + 24 + 30 + 6, 64)
+    assert (out - ref).abs().max().item() <= 1e-5
