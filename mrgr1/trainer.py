@@ -124,22 +124,39 @@ class Rollout:
 def _logps(model, seqs: dict, width: int, temperature: float, micro: int) -> torch.Tensor:
     """token_logps over row chunks of size `micro`: [N, width]."""
     n = seqs["input_ids"].shape[0]
-    return torch.cat([model.token_logps(**_rows(seqs, s, s + micro), logits_to_keep=width,
+    return torch.cat([model.token_logps(**select_rows(seqs, s, s + micro), logits_to_keep=width,
                                         temperature=temperature) for s in range(0, n, micro)])
 
 
-def _rows(seqs: dict, start: int, stop: int) -> dict:
-    """Rows [start, stop) of a sequence batch, with their images."""
+def select_rows(seqs: dict, start: int, stop: int) -> dict:
+    """Rows [start, stop) of a sequence batch, with their images (or their image features)."""
     out = {"input_ids": seqs["input_ids"][start:stop], "attention_mask": seqs["attention_mask"][start:stop],
            "pixel_values": None, "image_grid_thw": None}
-    if seqs.get("image_grid_thw") is not None:
-        per_row = seqs["images_per_row"]                               # [N] images of each row
-        first_img, last_img = int(per_row[:start].sum()), int(per_row[:stop].sum())
+    if seqs.get("image_grid_thw") is None:
+        return out
+    per_row = seqs["images_per_row"]                                   # [N] images of each row
+    first_img, last_img = int(per_row[:start].sum()), int(per_row[:stop].sum())
+    out["image_grid_thw"] = seqs["image_grid_thw"][first_img:last_img]
+    if seqs.get("image_features") is not None:                         # [n_tokens, D], rows in order
+        tokens = seqs["image_tokens_per_row"]
+        out["image_features"] = seqs["image_features"][int(tokens[:start].sum()):int(tokens[:stop].sum())]
+    else:
         patches = seqs["image_grid_thw"].prod(-1)
-        first_patch, last_patch = int(patches[:first_img].sum()), int(patches[:last_img].sum())
-        out["pixel_values"] = seqs["pixel_values"][first_patch:last_patch]
-        out["image_grid_thw"] = seqs["image_grid_thw"][first_img:last_img]
+        out["pixel_values"] = seqs["pixel_values"][int(patches[:first_img].sum()):int(patches[:last_img].sum())]
     return out
+
+
+def attach_image_features(model, prompts: dict, sequences: dict, num_repeats: int) -> None:
+    """With a frozen vision tower (LoRA on the decoder), encode each prompt's images once and give
+    the G rows of that prompt the same features, instead of running the tower B*G times."""
+    if prompts.get("pixel_values") is None or any(p.requires_grad for p in model.model.visual.parameters()):
+        return
+    features = model.image_features(prompts["pixel_values"], prompts["image_grid_thw"])   # [tokens, D]
+    per_prompt = (prompts["input_ids"] == model.cfg.image_token_id).sum(1)                # [B]
+    blocks = features.split(per_prompt.tolist())
+    sequences["image_features"] = torch.cat([b for b in blocks for _ in range(num_repeats)])
+    sequences["image_tokens_per_row"] = per_prompt.repeat_interleave(num_repeats).cpu()
+    sequences["pixel_values"] = None
 
 
 @torch.no_grad()
@@ -177,6 +194,7 @@ def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOCo
 
     sequences = join_completions(repeat_prompts(prompts, G), completions, cmask)
     sequences["images_per_row"] = prompts["images_per_prompt"].repeat_interleave(G)
+    attach_image_features(model, prompts, sequences, G)
     micro = micro_batch or max(1, len(ids) // cfg.grad_accum)
     old = _logps(model, sequences, width, cfg.temperature, micro) if cfg.num_iterations > 1 else None
     ref = None
@@ -209,7 +227,7 @@ def grpo_update(model, rollout: Rollout, optimizer, scheduler, cfg: GRPOConfig) 
         totals, loss_sum = {}, 0.0
         for s in range(0, n, micro):
             rows = slice(s, s + micro)
-            logps = model.token_logps(**_rows(rollout.sequences, s, s + micro), logits_to_keep=width,
+            logps = model.token_logps(**select_rows(rollout.sequences, s, s + micro), logits_to_keep=width,
                                       temperature=cfg.temperature)                  # [n_mb, C]
             loss, stats = grpo.policy_loss(
                 logps, None if rollout.old_logps is None else rollout.old_logps[rows],

@@ -99,10 +99,12 @@ def rows_of(rollout: trainer.Rollout, start: int, stop: int) -> trainer.Rollout:
     sampled only these rows would hold."""
     cmask = rollout.completion_mask[start:stop]                                   # [n, C]
     width, full = int(cmask.sum(1).max()), cmask.shape[1]
-    seqs = trainer._rows(rollout.sequences, start, stop)
+    seqs = trainer.select_rows(rollout.sequences, start, stop)
     keep = seqs["input_ids"].shape[1] - full + width                              # P + width
     seqs.update(input_ids=seqs["input_ids"][:, :keep], attention_mask=seqs["attention_mask"][:, :keep],
                 images_per_row=rollout.sequences["images_per_row"][start:stop])
+    if "image_tokens_per_row" in rollout.sequences:  # image features computed once per study
+        seqs["image_tokens_per_row"] = rollout.sequences["image_tokens_per_row"][start:stop]
 
     def cut(t):
         return None if t is None else t[start:stop, :width]

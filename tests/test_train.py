@@ -169,3 +169,28 @@ def test_missing_chexbert_weights_name_the_download_command(demo_root, tmp_path)
     with pytest.raises(weights.WeightsError, match="python -m mrgr1.weights download chexbert"):
         run(demo_root, tmp_path, "--steps", "1", "--labeler", "chexbert",
             "--weights-dir", str(tmp_path / "weights"))
+
+
+def test_rollout_reuses_each_prompts_image_features_for_its_g_rows(demo_root, tmp_path):
+    """With LoRA the vision tower is frozen: the rollout encodes each study's two views once, and
+    scoring the B*G rows from those features equals scoring them from their own pixels."""
+    from mrgr1 import labels, lora, pipeline, trainer
+
+    studies = data.load_split("demo", demo_root, "train")[:2]
+    folder = pipeline.tiny_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
+    model, processor = pipeline.load_policy(folder)
+    lora.apply_lora(model, rank=4, alpha=8)
+    cfg = trainer.GRPOConfig(num_generations=3, max_new_tokens=6, beta=0.0)
+    rollout = trainer.collect_rollout(model, processor, studies, labels.RuleLabeler(), cfg,
+                                      torch.Generator().manual_seed(0), **pipeline.special_ids(processor))
+    seqs = rollout.sequences
+    assert seqs["pixel_values"] is None and seqs["image_features"] is not None
+    prompts = trainer.encode_prompts(processor, studies)
+    pixels = {**seqs, **trainer.repeat_prompts(prompts, 3), "image_features": None}
+    pixels["input_ids"], pixels["attention_mask"] = seqs["input_ids"], seqs["attention_mask"]
+    width = rollout.completion_mask.shape[1]
+    with torch.no_grad():
+        for start, stop in ((0, 6), (1, 4)):  # whole batch, and a micro-batch cutting across studies
+            from_features = model.token_logps(**trainer.select_rows(seqs, start, stop), logits_to_keep=width)
+            from_pixels = model.token_logps(**trainer.select_rows(pixels, start, stop), logits_to_keep=width)
+            assert torch.allclose(from_features, from_pixels, atol=1e-5)
