@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--reward", default="mccs", choices=("mccs", "ce_f1", "bleu"), help="content reward (paper: mccs)")
     a("--reward-weights", default="0.75,0.25", help="content,format weights (paper: 0.75,0.25)")
     a("--mccs-margin", type=float, default=0.5, help="m in MCCS (ours: 0.5)")
+    a("--mccs-mapping", default="0,1,-1,1", help="signed value of CheXbert codes blank,positive,negative,"
+      "uncertain in the MCCS vectors (paper: 0,1,-1,1)")
     a("--num-generations", type=int, default=None, help="G completions per study")
     a("--max-new-tokens", type=int, default=None)
     a("--temperature", type=float, default=None)
@@ -104,7 +106,8 @@ def grpo_config(args) -> trainer.GRPOConfig:
         epsilon_high=args.epsilon_high, loss_type=args.loss_type, scale_rewards=args.scale_rewards,
         num_iterations=args.num_iterations, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
         mask_truncated=args.mask_truncated, reward_kind=args.reward,
-        reward_weights={args.reward: content, "format": fmt}, mccs_margin=args.mccs_margin)
+        reward_weights={args.reward: content, "format": fmt}, mccs_margin=args.mccs_margin,
+        mccs_mapping=tuple(float(v) for v in args.mccs_mapping.split(",")))
 
 
 def warmup_cosine(optimizer, total_steps: int, warmup_ratio: float):

@@ -58,6 +58,7 @@ class GRPOConfig:
     reward_kind: str = "mccs"         # mccs (the paper) | ce_f1 | bleu (the paper's ablations)
     reward_weights: dict = field(default_factory=lambda: {"mccs": 0.75, "format": 0.25})  # paper
     mccs_margin: float = 0.5          # m in MCCS = max((CCS - m) / (1 - m), 0) (ours)
+    mccs_mapping: tuple = (0.0, 1.0, -1.0, 1.0)  # value of codes blank, positive, negative, uncertain (paper)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -185,7 +186,8 @@ def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOCo
     ids = [s.id for s in studies for _ in range(G)]
     refs = [s.report for s in studies for _ in range(G)]
     rewards, parts = compute_rewards(texts, ids, refs, labeler, weights=cfg.reward_weights,
-                                     margin=cfg.mccs_margin, kind=cfg.reward_kind, cache=reward_cache)
+                                     margin=cfg.mccs_margin, mapping=cfg.mccs_mapping,
+                                     kind=cfg.reward_kind, cache=reward_cache)
     if cfg.scale_rewards == "batch" and distributed.world_size() > 1:  # the std of every rank's rewards
         batch_std = distributed.gather_rows(rewards.to(device)).float().std().cpu()
         advantages = grpo.group_advantages(rewards, G, scale="none") / (batch_std + 1e-4)  # [N]
