@@ -33,7 +33,7 @@ from mrgr1.metrics import format_table
 # values below is published by the paper except the reward weights; they are ours (see README).
 DEMO = dict(policy="tiny", labeler="rules", num_generations=8, max_new_tokens=64, temperature=1.0,
             lr=2e-3, beta=0.0, batch_size=8, steps=40, lora_rank=16, lora_alpha=32,
-            sft_steps=300, sft_lr=3e-3, sft_batch_size=16, save_every=20, eval_limit=100)
+            sft_steps=1000, sft_lr=3e-3, sft_batch_size=16, save_every=20, eval_limit=100)
 REAL = dict(policy="huatuogpt-vision-7b", labeler="chexbert", num_generations=8, max_new_tokens=256,
             temperature=1.0, lr=1e-5, beta=0.04, batch_size=4, steps=1000, lora_rank=64,
             lora_alpha=128, sft_steps=0, sft_lr=1e-5, sft_batch_size=4, save_every=100, eval_limit=200)
