@@ -31,7 +31,7 @@ from mrgr1.metrics import format_table
 
 # Defaults that differ between the demo (tiny model, CPU, minutes) and a real run. None of the real
 # values below is published by the paper except the reward weights; they are ours (see README).
-DEMO = dict(policy="tiny", labeler="rules", num_generations=8, max_new_tokens=64, temperature=1.0,
+DEMO = dict(policy="tiny", labeler="rules", num_generations=8, max_new_tokens=72, temperature=1.0,
             lr=2e-3, beta=0.0, batch_size=8, steps=40, lora_rank=16, lora_alpha=32,
             sft_steps=1000, sft_lr=3e-3, sft_batch_size=16, save_every=20, eval_limit=100)
 REAL = dict(policy="huatuogpt-vision-7b", labeler="chexbert", num_generations=8, max_new_tokens=256,

@@ -4,7 +4,10 @@ It makes the whole pipeline (SFT warm start, GRPO, evaluation) run on a laptop C
 download. Each study has two grayscale views, like IU X-Ray: a frontal (PA) view and a lateral
 view, drawn with numpy as a thorax with two lung fields (faint vessel texture), ribs, mediastinum,
 heart shadow and diaphragm domes. Its report is written from templates that agree with what is
-drawn: positive, negative and uncertain statements, with limited but real wording variety.
+drawn: positive, negative and uncertain statements, with limited but real wording variety. Each
+report section without a finding states its pertinent negative (heart size, consolidation,
+effusion / pneumothorax, rib fracture) in one of a few wordings, so the negatives, too, follow from
+the image.
 
 Drawn (13 of the 14 CheXpert observations; the patient's right is the image's left, as on a PA film):
     Enlarged Cardiomediastinum  wide upper mediastinum
@@ -123,19 +126,18 @@ UNCERTAIN_TEMPLATES = {
 }
 PNEUMONIA_CLAUSES = [", concerning for pneumonia.", ", which may represent pneumonia."]  # Pneumonia: uncertain
 
-# Negative/neutral filler sentences by report section: (text, observations it states as negative).
+# Pertinent negatives by report section: (text, observations it states as negative). Every section
+# without a finding states its negative, in varied words but always about the same observations, as
+# the templated normal sentences of IU X-Ray reports do: so the negatives of a report follow from the
+# image, and a reward that counts negatives (MCCS) can be earned from the pixels (ours).
 FILLERS = [
-    [("Heart size is normal.", {CARD}), ("The heart is normal in size.", {CARD}), ("Normal heart size.", {CARD}),
-     ("Heart size and mediastinal contours are normal.", {CARD, EC}),
-     ("The cardiomediastinal silhouette is within normal limits.", {EC}),
-     ("Normal cardiomediastinal silhouette.", {EC}), ("Mediastinal contours are normal.", {EC})],
-    [("The lungs are clear.", set()), ("No focal consolidation.", {CONS}), ("No focal airspace disease.", {OPAC}),
-     ("Lungs are clear without focal consolidation.", {CONS}), ("No pulmonary edema.", {EDEMA}),
-     ("The lungs are clear without focal consolidation, effusion, or pneumothorax.", {CONS, EFF, PTX})],
+    [("Heart size is normal.", {CARD}), ("The heart is normal in size.", {CARD}), ("Normal heart size.", {CARD})],
+    [("No focal consolidation.", {CONS}), ("Lungs are clear without focal consolidation.", {CONS}),
+     ("There is no focal consolidation.", {CONS})],
     [("No pleural effusion or pneumothorax.", {EFF, PTX}), ("No pneumothorax or pleural effusion.", {PTX, EFF}),
      ("There is no pleural effusion or pneumothorax.", {EFF, PTX}), ("No pneumothorax.", {PTX}),
      ("No pleural effusion.", {EFF})],
-    [("No acute osseous abnormality.", set()), ("No displaced rib fracture.", {FX}), ("No acute rib fracture.", {FX})],
+    [("No displaced rib fracture.", {FX}), ("No acute rib fracture.", {FX})],
 ]
 IMPRESSIONS = ["No acute cardiopulmonary abnormality.", "No acute cardiopulmonary process.", "No active disease."]
 SECTION_OF = {DEV: -1, CARD: 0, EC: 0, EDEMA: 1, CONS: 1, OPAC: 1, LESION: 1, ATEL: 1, EFF: 2, PTX: 2, PLO: 2, FX: 3}
@@ -208,13 +210,12 @@ def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str
         sections[SECTION_OF[f.obs] + 1].append(text)
         stated.update(labels)
     pathology = any(o != DEV for o in present)
-    if not pathology and rng.random() < 0.3:  # the shortest normal report
-        return _finish(sections, [str(rng.choice(IMPRESSIONS))], stated)
     n = len(findings)
     for s, fillers in enumerate(FILLERS):
-        usable = [(t, obs) for t, obs in fillers if not (obs & (present | set(stated)))
-                  and not (CARD in present and "cardiomediastinal" in t)]  # would contradict the heart
-        if usable and n < MAX_SENTENCES - (not pathology) and rng.random() < 0.7:
+        usable = [(t, obs) for t, obs in fillers if not (obs & (present | set(stated)))]
+        widest = max((len(obs) for _, obs in usable), default=0)
+        usable = [(t, obs) for t, obs in usable if len(obs) == widest]  # state every negative it can
+        if usable and n < MAX_SENTENCES - (not pathology):
             text, obs = usable[int(rng.integers(len(usable)))]
             sections[s + 1].append(text)
             stated.update({o: NEGATIVE for o in obs})
