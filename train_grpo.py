@@ -190,6 +190,17 @@ def evaluate_ce(args, model, processor, labeler, studies, title) -> dict:
     return scores
 
 
+def next_batch(n_studies: int, batch_size: int, seed: int, state: dict) -> list[int]:
+    """The next batch of study indices in the (seed, epoch) order; advances state's epoch/batch,
+    which checkpoints store, so a resumed run draws the same next batch."""
+    batches = data.batch_indices(n_studies, batch_size, seed, state["epoch"], drop_last=True)
+    if state["batch"] >= len(batches):
+        state["epoch"], state["batch"] = state["epoch"] + 1, 0
+        batches = data.batch_indices(n_studies, batch_size, seed, state["epoch"], drop_last=True)
+    state["batch"] += 1
+    return batches[state["batch"] - 1]
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
@@ -212,6 +223,9 @@ def main(argv=None) -> dict:
         train_studies = pipeline.load_studies(args.dataset, args.data_root, "train", all_images=args.all_images)
         test_studies = pipeline.load_studies(args.dataset, args.data_root, "test",
                                              all_images=args.all_images)[:args.eval_limit]
+    if args.batch_size > len(train_studies):
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_studies)} training "
+                         f"studies of {args.dataset}; choose at most {len(train_studies)}")
     labeler = pipeline.build_labeler(args.labeler, args.chexbert_weights, args.weights_dir, device)
     if args.policy != "tiny":
         pipeline.weights.resolve_policy(args.policy, args.weights_dir)
@@ -263,14 +277,8 @@ def main(argv=None) -> dict:
                disable=not distributed.is_main())
     try:
         for step in bar:
-            batches = data.batch_indices(len(train_studies), args.batch_size, args.seed, state["epoch"],
-                                         drop_last=True)
-            if state["batch"] >= len(batches):
-                state["epoch"], state["batch"] = state["epoch"] + 1, 0
-                batches = data.batch_indices(len(train_studies), args.batch_size, args.seed, state["epoch"],
-                                             drop_last=True)
-            studies = [train_studies[i] for i in distributed.shard(batches[state["batch"]])]  # this rank's
-            state["batch"] += 1
+            batch = next_batch(len(train_studies), args.batch_size, args.seed, state)
+            studies = [train_studies[i] for i in distributed.shard(batch)]  # this rank's part of it
             if distributed.world_size() > 1:  # per-rank samples, from nothing saved: resume with any ranks
                 rollout_gen.manual_seed(distributed.rollout_seed(args.seed, distributed.rank(), step))
             t0 = time.time()
@@ -299,7 +307,8 @@ def main(argv=None) -> dict:
         signal.signal(signal.SIGINT, previous_handler)
 
     if lora.lora_layers(model) and distributed.is_main():
-        lora.save_adapter(model, os.path.join(args.output_dir, "final"), base_model_name_or_path=args.policy)
+        base = args.policy if args.policy != "tiny" else os.path.join(args.output_dir, "sft" if args.sft_steps else "init")
+        lora.save_adapter(model, os.path.join(args.output_dir, "final"), base_model_name_or_path=base)
     if args.eval_limit:
         results["after"] = evaluate_ce(args, model, processor, labeler, test_studies, "after GRPO")
         if distributed.is_main():
