@@ -140,7 +140,7 @@ def prepare_policy(args, train_studies, device):
     start = args.policy
     if args.policy == "tiny":
         with distributed.rank0_first():  # rank 0 writes the folder, the other ranks then read it
-            if not os.path.isfile(os.path.join(init_dir, "config.json")):
+            if not os.path.isfile(os.path.join(init_dir, "model.safetensors")):  # written last
                 pipeline.tiny_policy_folder(init_dir, [s.report for s in train_studies], seed=args.seed)
         start = init_dir
     model, processor = pipeline.load_policy(start, weights_dir=args.weights_dir, dtype=args.dtype, device=device)
