@@ -339,7 +339,7 @@ def evaluate(args) -> dict:
     with open(out, "w", encoding="utf-8") as f:
         json.dump(scores, f, indent=2)
     print(f"\n{source}: {len(records)} studies, labels from {labels_from}\n")
-    print(format_table(scores))
+    print(format_table(scores, labeler=labels_from))
     if "format_reward/mean" in scores:
         print(f"{'format reward (mean)':<32}{scores['format_reward/mean']:8.4f}")
     print(f"{'empty reports':<32}{scores['num_empty_reports']:8d}\nwrote {out}")

@@ -312,7 +312,7 @@ def main(argv=None) -> dict:
     if args.eval_limit:
         results["after"] = evaluate_ce(args, model, processor, labeler, test_studies, "after GRPO")
         if distributed.is_main():
-            print(format_table(results["after"]))
+            print(format_table(results["after"], labeler=args.labeler))
     if distributed.is_main():
         plot_curves(log_path, os.path.join(args.output_dir, "curves.png"))
     return results

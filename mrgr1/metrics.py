@@ -368,11 +368,12 @@ _NLG_ROWS = [("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), (
              ("rouge_l", "ROUGE-L (LCS F, beta 1.2)"), ("cider_d", "CIDEr-D (sigma 6, x10)")]
 
 
-def format_table(scores: dict) -> str:
-    """A readable table of whatever `ce_scores` / `nlg_scores` keys `scores` holds."""
+def format_table(scores: dict, labeler: str = "CheXbert") -> str:
+    """A readable table of whatever `ce_scores` / `nlg_scores` keys `scores` holds; `labeler` names
+    what produced the labels (the rule-based labeler for the demo)."""
     lines, W = [], 72  # W: width of the convention column
     if "ce_micro/f1" in scores:
-        lines += [f"Clinical efficacy ({int(scores.get('num_reports', 0))} reports, CheXbert labels)",
+        lines += [f"Clinical efficacy ({int(scores.get('num_reports', 0))} reports, {labeler} labels)",
                   f"{'convention':<{W}}{'P':>8}{'R':>8}{'F1':>8}"]
         for key, what in _CE_ROWS:
             p, r, f = (scores[f"{key}/{m}"] for m in ("precision", "recall", "f1"))

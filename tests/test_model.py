@@ -182,7 +182,7 @@ def test_our_save_pretrained_loads_in_transformers(tmp_path):
 def test_image_token_count_mismatch_is_a_clear_error(ours):
     ids, mask, pv, grid = image_batch()
     ids[1, -1] = IMG  # one <|image_pad|> too many
-    with pytest.raises(ValueError, match="37 <|image_pad|> tokens"):
+    with pytest.raises(ValueError, match=r"37 <\|image_pad\|> tokens"):
         ours(ids, mask, pv, grid)
 
 
