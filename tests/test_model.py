@@ -182,8 +182,10 @@ def test_our_save_pretrained_loads_in_transformers(tmp_path):
 def test_image_token_count_mismatch_is_a_clear_error(ours):
     ids, mask, pv, grid = image_batch()
     ids[1, -1] = IMG  # one <|image_pad|> too many
+    with pytest.raises(ValueError, match=r"<\|image_pad\|> tokens does not match the next image_grid_thw"):
+        ours(ids, mask, pv, grid)  # caught first where the M-RoPE positions are laid out
     with pytest.raises(ValueError, match=r"37 <\|image_pad\|> tokens"):
-        ours(ids, mask, pv, grid)
+        ours.embed(ids, pv, grid)  # and by the count check where image features replace the pads
 
 
 def test_config_reads_flat_hub_layout_with_rope_scaling():
