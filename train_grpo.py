@@ -339,5 +339,9 @@ def plot_curves(log_path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    distributed.cleanup()
+    try:
+        main(sys.argv[1:])
+    except (data.DataError, pipeline.weights.WeightsError, checkpoint.CheckpointError) as e:
+        sys.exit(f"error: {e}")  # missing data / weights / checkpoint: the message says what to do
+    finally:
+        distributed.cleanup()

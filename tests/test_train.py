@@ -201,3 +201,14 @@ def test_the_run_ends_with_a_png_of_reward_kl_and_length(demo_root, tmp_path):
     run(demo_root, tmp_path, "--steps", "2")
     with open(tmp_path / "curves.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_command_line_reports_missing_data_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_grpo.py")
+    done = subprocess.run([sys.executable, script, "--dataset", "iu_xray", "--data-root", str(tmp_path / "nope"),
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "error: data folder not found" in done.stderr and "Traceback" not in done.stderr
