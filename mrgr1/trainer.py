@@ -79,23 +79,21 @@ def encode_prompts(processor, studies: list[Study], device=None) -> dict:
     return batch
 
 
-def repeat_prompts(prompts: dict, num_repeats: int) -> dict:
-    """Each prompt row (and its images) repeated G times, rows grouped by prompt like generate's."""
+def repeat_prompts(prompts: dict, num_repeats: int, pixels: bool = True) -> dict:
+    """Each prompt row (and its images) repeated G times, rows grouped by prompt like generate's.
+    pixels=False leaves pixel_values out (the rows will get precomputed image features)."""
     ids, grid = prompts["input_ids"], prompts.get("image_grid_thw")
     out = {"input_ids": ids.repeat_interleave(num_repeats, 0),
            "attention_mask": prompts["attention_mask"].repeat_interleave(num_repeats, 0),
            "pixel_values": None, "image_grid_thw": None}
     if grid is not None:
-        # images of prompt b are consecutive in pixel_values; find each prompt's patch block
-        images_per_prompt = prompts["images_per_prompt"]                              # [B]
-        patches = grid.prod(-1)                                                         # [n_img]
-        prompt_of_image = torch.repeat_interleave(torch.arange(len(images_per_prompt)), images_per_prompt)
-        patches_per_prompt = torch.zeros(len(images_per_prompt), dtype=torch.long).index_add_(
-            0, prompt_of_image, patches.cpu())
-        blocks = torch.split(prompts["pixel_values"], patches_per_prompt.tolist())
-        grids = torch.split(grid, images_per_prompt.tolist())
-        out["pixel_values"] = torch.cat([b for b in blocks for _ in range(num_repeats)])
+        per_prompt = prompts["images_per_prompt"].tolist()                              # images of prompt b
+        grids = torch.split(grid, per_prompt)                                           # consecutive per prompt
         out["image_grid_thw"] = torch.cat([g for g in grids for _ in range(num_repeats)])
+        if pixels:
+            patches = [int(g.prod(-1).sum()) for g in grids]                            # patches of prompt b
+            blocks = torch.split(prompts["pixel_values"], patches)
+            out["pixel_values"] = torch.cat([b for b in blocks for _ in range(num_repeats)])
     return out
 
 
@@ -147,24 +145,28 @@ def select_rows(seqs: dict, start: int, stop: int) -> dict:
     return out
 
 
-def attach_image_features(model, prompts: dict, sequences: dict, num_repeats: int) -> None:
+def shared_image_features(model, prompts: dict, num_repeats: int) -> dict:
     """With a frozen vision tower (LoRA on the decoder), encode each prompt's images once and give
-    the G rows of that prompt the same features, instead of running the tower B*G times."""
+    the G rows of that prompt the same features, instead of running the tower B*G times.
+    Returns {} when the tower trains (or there are no images): the rows then carry pixels."""
     if prompts.get("pixel_values") is None or any(p.requires_grad for p in model.model.visual.parameters()):
-        return
+        return {}
     features = model.image_features(prompts["pixel_values"], prompts["image_grid_thw"])   # [tokens, D]
     per_prompt = (prompts["input_ids"] == model.cfg.image_token_id).sum(1)                # [B]
     blocks = features.split(per_prompt.tolist())
-    sequences["image_features"] = torch.cat([b for b in blocks for _ in range(num_repeats)])
-    sequences["image_tokens_per_row"] = per_prompt.repeat_interleave(num_repeats).cpu()
-    sequences["pixel_values"] = None
+    return {"image_features": torch.cat([b for b in blocks for _ in range(num_repeats)]),
+            "image_tokens_per_row": per_prompt.repeat_interleave(num_repeats).cpu()}
+
+
+def micro_batch_size(n: int, grad_accum: int) -> int:
+    """Rows per micro-batch when n rows are split into grad_accum micro-batches."""
+    return max(1, -(-n // grad_accum))
 
 
 @torch.no_grad()
 def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOConfig,
                     generator: torch.Generator | None, *, ref_model=None, reward_cache: dict | None = None,
-                    eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=(),
-                    micro_batch: int | None = None) -> Rollout:
+                    eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()) -> Rollout:
     """Sample G completions per study, score them and precompute the log-probs the loss needs.
 
     eos_token_ids / pad_token_id / suppress_token_ids: see pipeline.special_ids."""
@@ -194,10 +196,10 @@ def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOCo
     else:
         advantages = grpo.group_advantages(rewards, G, scale=cfg.scale_rewards)    # [N]
 
-    sequences = join_completions(repeat_prompts(prompts, G), completions, cmask)
-    sequences["images_per_row"] = prompts["images_per_prompt"].repeat_interleave(G)
-    attach_image_features(model, prompts, sequences, G)
-    micro = micro_batch or max(1, len(ids) // cfg.grad_accum)
+    features = shared_image_features(model, prompts, G)
+    sequences = join_completions(repeat_prompts(prompts, G, pixels=not features), completions, cmask)
+    sequences.update(features, images_per_row=prompts["images_per_prompt"].repeat_interleave(G))
+    micro = micro_batch_size(len(ids), cfg.grad_accum)
     old = _logps(model, sequences, width, cfg.temperature, micro) if cfg.num_iterations > 1 else None
     ref = None
     if cfg.beta != 0:
@@ -221,7 +223,7 @@ def grpo_update(model, rollout: Rollout, optimizer, scheduler, cfg: GRPOConfig) 
     # several ranks: the whole (global) batch's normaliser, and the gradients summed over ranks
     normalizer = distributed.global_loss_normalizer(mask, cfg.loss_type,
                                                     cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else None)
-    micro = max(1, -(-n // cfg.grad_accum))
+    micro = micro_batch_size(n, cfg.grad_accum)
     model.train()
     history = []
     for _ in range(cfg.num_iterations):
