@@ -102,14 +102,6 @@ def find_latest(output_dir: str) -> str | None:
     return folder
 
 
-def read_config(folder: str) -> dict:
-    path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{folder} is not an mrgr1 checkpoint: {CONFIG_FILE} is missing")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def load_checkpoint(folder: str, model, optimizer=None, scheduler=None) -> dict:
     """Restore weights (and optimizer / scheduler when given) from `folder`; return its trainer state."""
     state_path = os.path.join(folder, STATE_FILE)
