@@ -165,12 +165,10 @@ def run_sft(args, model, processor, studies):
     optimizer, scheduler = make_optimizer(model, args.sft_lr, args.weight_decay, args.sft_steps, args.warmup_ratio)
     eos = pipeline.special_ids(processor)["eos_token_ids"]
     bar = tqdm(range(args.sft_steps), desc="SFT", dynamic_ncols=True, disable=not distributed.is_main())
-    epoch, batches = 0, []
+    position = {"epoch": 0, "batch": 0}
     for _ in bar:
-        if not batches:
-            batches = data.batch_indices(len(studies), args.sft_batch_size, args.seed + 1000, epoch, drop_last=True)
-            epoch += 1
-        batch = [studies[i] for i in distributed.shard(batches.pop(0), "--sft-batch-size")]
+        indices = next_batch(len(studies), args.sft_batch_size, args.seed + 1000, position)
+        batch = [studies[i] for i in distributed.shard(indices, "--sft-batch-size")]
         loss = trainer.sft_step(model, processor, batch, optimizer, scheduler, eos_token_id=eos[0],
                                 max_grad_norm=args.max_grad_norm)
         bar.set_postfix(loss=f"{loss:.3f}")
@@ -339,9 +337,11 @@ def plot_curves(log_path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
+    finished = False
     try:
         main(sys.argv[1:])
+        finished = True
     except (data.DataError, pipeline.weights.WeightsError, checkpoint.CheckpointError) as e:
         sys.exit(f"error: {e}")  # missing data / weights / checkpoint: the message says what to do
     finally:
-        distributed.cleanup()
+        distributed.cleanup(all_finished=finished)

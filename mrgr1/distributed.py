@@ -80,9 +80,15 @@ def init(device_name: str | None = None, timeout: datetime.timedelta = TIMEOUT) 
     return device
 
 
-def cleanup() -> None:
-    """Leave the process group at the end of a run (nothing to do in a single process)."""
+def cleanup(all_finished: bool = True) -> None:
+    """Leave the process group at the end of a run (nothing to do in a single process).
+
+    all_finished: every rank got here normally, so they first wait for each other: a rank that
+    tears its connections down while another still works (rank 0 writing the last files) can make
+    gloo abort the process. After an error there is no such wait (the others may never come)."""
     if dist.is_available() and dist.is_initialized():
+        if all_finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
