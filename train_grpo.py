@@ -15,6 +15,7 @@ prints the clinical efficacy (CE-F1) on the demo test split before and after GRP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -80,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sft-lr", type=float, default=None)
     a("--sft-batch-size", type=int, default=None)
     a("--eval-limit", type=int, default=None, help="test studies scored before/after GRPO (0 = skip)")
+    a("--eval-samples", type=int, default=None, help="sampled completions per test study whose mean "
+      "reward is printed before/after GRPO (default: --num-generations; 0 = skip)")
     a("--dtype", default="float32", choices=tuple(pipeline.DTYPES))
     a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     a("--grad-checkpointing", action="store_true")
@@ -94,6 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    args.eval_samples = args.num_generations if args.eval_samples is None else args.eval_samples
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
     return args
 
@@ -177,14 +181,30 @@ def run_sft(args, model, processor, studies):
     model.requires_grad_(True)
 
 
-def evaluate_ce(args, model, processor, labeler, studies, title) -> dict:
-    """CE of greedy reports; several ranks: each writes its part, every rank scores them all."""
-    texts = trainer.generate_reports(model, processor, distributed.split_evenly(studies),
-                                     max_new_tokens=args.max_new_tokens, **pipeline.special_ids(processor))
+def evaluate(args, model, processor, labeler, studies, cfg, title) -> dict:
+    """CE-F1 of greedy reports, and the mean reward of --eval-samples sampled completions per study
+    (GRPO's own objective; the same random draws before and after GRPO). Several ranks: each
+    writes its part, every rank scores them all."""
+    special = pipeline.special_ids(processor)
+    mine = distributed.split_evenly(studies)
+    texts = trainer.generate_reports(model, processor, mine, max_new_tokens=args.max_new_tokens, **special)
     scores = trainer.ce_of_texts(distributed.gather_lists(texts), studies, labeler)
+    line = (f"\n{title}: CE-F1 (micro, R2GenCMN convention) {scores['ce_micro/f1']:.4f} | "
+            f"CE-F1 (example, PromptMRG) {scores['ce_example/f1']:.4f} on {len(studies)} studies")
+    if args.eval_samples:
+        generator = torch.Generator(device=next(model.parameters()).device)
+        generator.manual_seed(args.seed + 2 + 1000 * distributed.rank())
+        sampled = trainer.sampled_rewards(model, processor, mine, labeler,
+                                          dataclasses.replace(cfg, num_generations=args.eval_samples),
+                                          generator, **special)
+        for name, values in sampled.items():
+            everyone = distributed.gather_lists(values.tolist())
+            scores[f"sampled/{name}"] = sum(everyone) / len(everyone)
+        line += (f"\n{title}: reward of {args.eval_samples} sampled completions per study "
+                 f"(T={args.temperature}) {scores['sampled/reward']:.4f}, "
+                 f"{args.reward} part {scores[f'sampled/{args.reward}']:.4f}")
     if distributed.is_main():
-        print(f"\n{title}: CE-F1 (micro, R2GenCMN convention) {scores['ce_micro/f1']:.4f} | "
-          f"CE-F1 (example, PromptMRG) {scores['ce_example/f1']:.4f} on {len(studies)} studies")
+        print(line)
     return scores
 
 
@@ -230,9 +250,10 @@ def main(argv=None) -> dict:
 
     model, processor = prepare_policy(args, train_studies, device)
     model.gradient_checkpointing = args.grad_checkpointing
+    cfg = grpo_config(args)
     results = {}
     if args.eval_limit and resume_from is None:
-        results["before"] = evaluate_ce(args, model, processor, labeler, test_studies, "before GRPO")
+        results["before"] = evaluate(args, model, processor, labeler, test_studies, cfg, "before GRPO")
 
     # ---- GRPO: adapters on the (SFT) policy; the reference is the same network, adapters off
     ref_model = None
@@ -241,7 +262,6 @@ def main(argv=None) -> dict:
     elif args.beta != 0:
         ref_model = lora.frozen_copy(model)
     distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])  # same start
-    cfg = grpo_config(args)
     steps = args.steps if args.epochs is None else int(args.epochs * len(train_studies) // args.batch_size)
     optimizer, scheduler = make_optimizer(model, args.lr, args.weight_decay, steps * args.num_iterations,
                                           args.warmup_ratio)
@@ -308,7 +328,7 @@ def main(argv=None) -> dict:
         base = args.policy if args.policy != "tiny" else os.path.join(args.output_dir, "sft" if args.sft_steps else "init")
         lora.save_adapter(model, os.path.join(args.output_dir, "final"), base_model_name_or_path=base)
     if args.eval_limit:
-        results["after"] = evaluate_ce(args, model, processor, labeler, test_studies, "after GRPO")
+        results["after"] = evaluate(args, model, processor, labeler, test_studies, cfg, "after GRPO")
         if distributed.is_main():
             print(format_table(results["after"], labeler=args.labeler))
     if distributed.is_main():

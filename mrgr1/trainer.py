@@ -164,12 +164,13 @@ def micro_batch_size(n: int, grad_accum: int) -> int:
 
 
 @torch.no_grad()
-def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOConfig,
-                    generator: torch.Generator | None, *, ref_model=None, reward_cache: dict | None = None,
-                    eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()) -> Rollout:
-    """Sample G completions per study, score them and precompute the log-probs the loss needs.
+def sample_and_score(model, processor, studies: list[Study], labeler, cfg: GRPOConfig,
+                     generator: torch.Generator | None, *, reward_cache: dict | None = None,
+                     eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()) -> dict:
+    """G sampled completions per study and their rewards: the first half of a rollout.
 
-    eos_token_ids / pad_token_id / suppress_token_ids: see pipeline.special_ids."""
+    Returns prompts (encode_prompts), completions / completion_mask [B*G, C] (columns no row used
+    dropped), truncated [B*G] (no EOS), texts [B*G], rewards [B*G] and reward_parts {name: [B*G]}."""
     device = next(model.parameters()).device
     G = cfg.num_generations
     prompts = encode_prompts(processor, studies, device)
@@ -183,13 +184,28 @@ def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOCo
     completions, cmask = completions[:, :width], cmask[:, :width]
     truncated = ~torch.isin(completions.gather(1, (cmask.sum(1, keepdim=True) - 1).clamp_min(0)),
                             torch.tensor(list(eos_token_ids), device=device)).squeeze(1)
-
     texts = processor.batch_decode(completions * cmask + pad_token_id * (1 - cmask))
-    ids = [s.id for s in studies for _ in range(G)]
-    refs = [s.report for s in studies for _ in range(G)]
-    rewards, parts = compute_rewards(texts, ids, refs, labeler, weights=cfg.reward_weights,
-                                     margin=cfg.mccs_margin, mapping=cfg.mccs_mapping,
-                                     kind=cfg.reward_kind, cache=reward_cache)
+    rewards, parts = compute_rewards(texts, [s.id for s in studies for _ in range(G)],
+                                     [s.report for s in studies for _ in range(G)], labeler,
+                                     weights=cfg.reward_weights, margin=cfg.mccs_margin,
+                                     mapping=cfg.mccs_mapping, kind=cfg.reward_kind, cache=reward_cache)
+    return {"prompts": prompts, "completions": completions, "completion_mask": cmask,
+            "truncated": truncated, "texts": texts, "rewards": rewards, "reward_parts": parts}
+
+
+@torch.no_grad()
+def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOConfig,
+                    generator: torch.Generator | None, *, ref_model=None, reward_cache: dict | None = None,
+                    eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()) -> Rollout:
+    """Sample G completions per study, score them and precompute the log-probs the loss needs.
+
+    eos_token_ids / pad_token_id / suppress_token_ids: see pipeline.special_ids."""
+    G = cfg.num_generations
+    scored = sample_and_score(model, processor, studies, labeler, cfg, generator, reward_cache=reward_cache,
+                              eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                              suppress_token_ids=suppress_token_ids)
+    prompts, completions, cmask = scored["prompts"], scored["completions"], scored["completion_mask"]
+    rewards, device, width = scored["rewards"], completions.device, completions.shape[1]
     if cfg.scale_rewards == "batch" and distributed.world_size() > 1:  # the std of every rank's rewards
         batch_std = distributed.gather_rows(rewards.to(device)).float().std().cpu()
         advantages = grpo.group_advantages(rewards, G, scale="none") / (batch_std + 1e-4)  # [N]
@@ -199,13 +215,14 @@ def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOCo
     features = shared_image_features(model, prompts, G)
     sequences = join_completions(repeat_prompts(prompts, G, pixels=not features), completions, cmask)
     sequences.update(features, images_per_row=prompts["images_per_prompt"].repeat_interleave(G))
-    micro = micro_batch_size(len(ids), cfg.grad_accum)
+    micro = micro_batch_size(len(rewards), cfg.grad_accum)
     old = _logps(model, sequences, width, cfg.temperature, micro) if cfg.num_iterations > 1 else None
     ref = None
     if cfg.beta != 0:
         with lora.reference_policy(model, ref_model) as ref_net:
             ref = _logps(ref_net, sequences, width, cfg.temperature, micro)
-    return Rollout(sequences, cmask, advantages.to(device), rewards, parts, old, ref, texts, truncated)
+    return Rollout(sequences, cmask, advantages.to(device), rewards, scored["reward_parts"], old, ref,
+                   scored["texts"], scored["truncated"])
 
 
 # ----------------------------------------------------------------------------- update
@@ -321,6 +338,21 @@ def generate_reports(model, processor, studies: list[Study], *, batch_size: int 
                              suppress_token_ids=suppress_token_ids, generator=generator)
         texts += processor.batch_decode(out * mask + pad_token_id * (1 - mask))
     return texts
+
+
+def sampled_rewards(model, processor, studies: list[Study], labeler, cfg: GRPOConfig,
+                    generator: torch.Generator | None, *, batch_size: int = 8, **special) -> dict:
+    """The rewards of G sampled completions per study, drawn and scored as a rollout draws and
+    scores them, without any update: GRPO's own objective, measured on held-out studies.
+
+    special: eos_token_ids / pad_token_id / suppress_token_ids (pipeline.special_ids).
+    Returns {"reward": [len(studies) * G], cfg.reward_kind: [...], "format": [...]}."""
+    parts = []
+    for s in range(0, len(studies), batch_size):
+        scored = sample_and_score(model, processor, studies[s:s + batch_size], labeler, cfg, generator,
+                                  **special)
+        parts.append({"reward": scored["rewards"], **scored["reward_parts"]})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
 def ce_of_texts(texts: list[str], studies: list[Study], labeler) -> dict:

@@ -196,6 +196,36 @@ def test_rollout_reuses_each_prompts_image_features_for_its_g_rows(demo_root, tm
             assert torch.allclose(from_features, from_pixels, atol=1e-5)
 
 
+def test_sampled_rewards_are_the_rewards_a_rollout_gives_the_same_draws(demo_root, tmp_path):
+    """The held-out "sampled reward" the demo prints is GRPO's objective: the same samples, scored
+    the same way, as a rollout from the same generator state."""
+    from mrgr1 import labels, pipeline, trainer
+
+    studies = data.load_split("demo", demo_root, "test")[:2]
+    model, processor = pipeline.load_policy(pipeline.tiny_policy_folder(str(tmp_path / "init"),
+                                                                         [s.report for s in studies]))
+    cfg = trainer.GRPOConfig(num_generations=3, max_new_tokens=6, beta=0.0)
+    special = pipeline.special_ids(processor)
+    rollout = trainer.collect_rollout(model, processor, studies, labels.RuleLabeler(), cfg,
+                                      torch.Generator().manual_seed(5), **special)
+    sampled = trainer.sampled_rewards(model, processor, studies, labels.RuleLabeler(), cfg,
+                                      torch.Generator().manual_seed(5), batch_size=2, **special)
+    assert sorted(sampled) == ["format", "mccs", "reward"]
+    assert torch.equal(sampled["reward"], rollout.rewards)          # [B*G] = [6]
+    for name, values in rollout.reward_parts.items():
+        assert torch.equal(sampled[name], values)
+
+
+def test_before_and_after_grpo_report_ce_f1_and_the_sampled_reward(demo_root, tmp_path, capsys):
+    results = run(demo_root, tmp_path / "a", "--steps", "1", "--eval-limit", "2", "--eval-samples", "2")
+    printed = capsys.readouterr().out
+    for when in ("before", "after"):
+        assert {"ce_micro/f1", "sampled/reward", "sampled/mccs", "sampled/format"} <= set(results[when])
+        assert f"{when} GRPO: reward of 2 sampled completions per study" in printed
+    skipped = run(demo_root, tmp_path / "b", "--steps", "1", "--eval-limit", "2", "--eval-samples", "0")
+    assert "ce_micro/f1" in skipped["before"] and "sampled/reward" not in skipped["before"]
+
+
 def test_the_run_ends_with_a_png_of_reward_kl_and_length(demo_root, tmp_path):
     pytest.importorskip("matplotlib")
     run(demo_root, tmp_path, "--steps", "2")
