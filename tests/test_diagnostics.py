@@ -1,0 +1,34 @@
+"""benchmarks/finding_mentions.py: the majority vote behind the README's demo diagnosis."""
+import importlib.util
+import os
+
+import torch
+
+from mrgr1.labels import CONDITIONS, NEGATIVE, NO_FINDING, POSITIVE
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+spec = importlib.util.spec_from_file_location("finding_mentions",
+                                              os.path.join(HERE, "..", "benchmarks", "finding_mentions.py"))
+finding_mentions = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(finding_mentions)
+
+EDEMA, DEVICES = CONDITIONS.index("Edema"), CONDITIONS.index("Support Devices")
+
+
+def codes(**stated) -> list[int]:
+    row = [0] * len(CONDITIONS)
+    for index, code in stated.items():
+        row[int(index[1:])] = code
+    return row
+
+
+def test_a_finding_is_voted_when_more_than_half_of_the_samples_state_it():
+    # study 0: edema in 2 of 3 samples -> voted; study 1: edema in 1 of 3, devices in 3 of 3
+    e, d = f"i{EDEMA}", f"i{DEVICES}"
+    samples = torch.tensor([codes(**{e: POSITIVE}), codes(**{e: POSITIVE}), codes(**{e: NEGATIVE}),
+                            codes(**{e: POSITIVE, d: POSITIVE}), codes(**{d: POSITIVE}), codes(**{d: POSITIVE})])
+    vote = finding_mentions.majority_vote(samples, samples=3)                   # [2, 14]
+    assert vote[0, EDEMA] == POSITIVE and vote[0, NO_FINDING] == 0
+    assert vote[1, EDEMA] == 0 and vote[1, DEVICES] == POSITIVE
+    assert vote[1, NO_FINDING] == POSITIVE  # devices alone leave a study normal (CheXpert's rule)
+    assert int((vote == POSITIVE).sum()) == 3
