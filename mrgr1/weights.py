@@ -7,9 +7,9 @@ model.safetensors.index.json ("shards_from"). A file whose hash the manifest doe
 is hashed on first download and recorded in <weights>/<name>/mrgr1.lock.json; later checks
 compare against that record (trust on first use) and say so.
 
-Downloads use only the standard library: a `.part` file that a rerun continues with an HTTP
-Range request, a tqdm bar, size and sha256 checks, then a rename, so a file under its real
-name is always whole. Hugging Face URLs follow HF_ENDPOINT (a mirror; default
+Each file comes through mrgr1/download.py (standard library only: a `.part` file that a rerun
+continues with an HTTP Range request, size and sha256 checks, then a rename, so a file under its
+real name is always whole). Hugging Face URLs follow HF_ENDPOINT (a mirror; default
 https://huggingface.co).
 
     python -m mrgr1.weights list
@@ -23,22 +23,17 @@ In code: `resolve_policy("huatuogpt-vision-7b")` -> weights/huatuogpt-vision-7b;
 download command when something is missing.
 """
 import argparse
-import hashlib
-import http.client
 import json
 import os
 import re
 import shutil
 import sys
-import urllib.error
-import urllib.request
 
-from tqdm import tqdm
+from .download import DownloadError, download_file, sha256_file
 
 MANIFEST_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights_manifest.json")
 LOCK_NAME = "mrgr1.lock.json"
 HF_DEFAULT = "https://huggingface.co"
-CHUNK = 1 << 20  # 1 MiB per read: small enough for a smooth bar, large enough to be fast
 
 
 class WeightsError(RuntimeError):
@@ -97,14 +92,6 @@ def download_command(names, weights_dir):
 
 
 # ----------------------------------------------------------------------------- hashing and the lock
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def read_lock(folder):
     path = os.path.join(folder, LOCK_NAME)
@@ -187,101 +174,6 @@ def _check_size(target, spec, lock):
                            "delete it and download it again")
 
 
-# ----------------------------------------------------------------------------- one file over HTTP
-
-def download_file(url, dest, *, size=None, sha256=None, timeout=60.0, retries=3, progress=True):
-    """Fetch `url` to `dest` through `dest.part` (resumed if present); check size/sha256; rename.
-
-    Returns the sha256 of the file. A wrong size or hash deletes the part file and raises;
-    an interrupted transfer keeps it (up to `retries` automatic resumes, then a rerun resumes).
-    An HTTP error raises WeightsError with `.status` set to the HTTP code.
-    """
-    part = dest + ".part"
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    for attempt in range(retries + 1):
-        try:
-            _fetch_into(url, dest, size, timeout, progress)
-            break
-        except _Interrupted as why:
-            if attempt == retries:
-                raise WeightsError(f"download of {url} was cut off ({why}); {os.path.getsize(part)} bytes are "
-                                   f"kept in {part}: run the same command again to resume.\n"
-                                   + _by_hand(url, dest)) from None
-    if os.path.exists(part + ".etag"):
-        os.remove(part + ".etag")
-    got_size, digest = os.path.getsize(part), sha256_file(part)
-    problem = None
-    if size is not None and got_size != size:
-        problem = f"size {got_size} bytes, expected {size}"
-    elif sha256 is not None and digest != sha256:
-        problem = f"sha256 {digest}, expected {sha256}"
-    if problem:
-        os.remove(part)
-        raise WeightsError(f"{dest}: downloaded file is wrong ({problem}); deleted {part}. Try again; if it "
-                           "repeats, the source changed or a proxy altered it.\n" + _by_hand(url, dest))
-    os.replace(part, dest)
-    return digest
-
-
-class _Interrupted(Exception):
-    """The connection broke mid-file; the .part file is kept for a resume."""
-
-
-def _fetch_into(url, dest, size, timeout, progress):
-    """Append what the server sends to dest.part, asking only for the bytes not yet there."""
-    part = dest + ".part"
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    if size is not None and have >= size:
-        return  # the part file already holds everything (the caller still checks it)
-    request = urllib.request.Request(url, headers={"User-Agent": "mrgr1-weights"})
-    if have:
-        request.add_header("Range", f"bytes={have}-")
-        if os.path.isfile(part + ".etag"):  # resume only the same version of the file; else get it whole
-            with open(part + ".etag", encoding="utf-8") as f:
-                request.add_header("If-Range", f.read())
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and have:  # nothing left to send after that offset: check what we have
-            return
-        error = WeightsError(f"HTTP {err.code} {err.reason} for {url}\n" + _by_hand(url, dest))
-        error.status = err.code
-        raise error from None
-    except (urllib.error.URLError, OSError) as err:
-        raise WeightsError(f"cannot reach {url}: {getattr(err, 'reason', err)} (no network, a proxy or a "
-                           "firewall? for a mirror set HF_ENDPOINT)\n" + _by_hand(url, dest)) from None
-    with response:
-        if have and response.status != 206:
-            have = 0  # the file changed, or the server ignores Range: start again from byte 0
-        etag = response.headers.get("ETag")
-        if not have and etag and not etag.startswith("W/"):  # If-Range takes only strong validators
-            with open(part + ".etag", "w", encoding="utf-8") as f:
-                f.write(etag)
-        length = response.headers.get("Content-Length")
-        expected = int(length) if length is not None else None
-        received = 0
-        with open(part, "ab" if have else "wb") as out, tqdm(
-                total=have + expected if expected is not None else size, initial=have, unit="B",
-                unit_scale=True, desc=os.path.basename(dest), disable=not progress) as bar:
-            while True:
-                try:
-                    block = response.read(CHUNK)
-                except (OSError, http.client.HTTPException) as err:
-                    raise _Interrupted(str(err) or type(err).__name__) from None
-                if not block:
-                    break
-                out.write(block)
-                received += len(block)
-                bar.update(len(block))
-    if expected is not None and received < expected:
-        raise _Interrupted(f"got {received} of {expected} bytes")
-
-
-def _by_hand(url, dest):
-    return (f"To download by hand: curl -L -C - -o {dest} {url}\n"
-            f"then register the folder with: python -m mrgr1.weights add NAME --from FOLDER")
-
-
 # ----------------------------------------------------------------------------- whole artefacts
 
 def download(name, weights_dir="weights", *, manifest=None, timeout=60.0, retries=3, progress=True, log=print):
@@ -314,10 +206,10 @@ def _fetch_one(entry, folder, path, spec, lock, timeout, retries, progress):
         try:
             digest = download_file(url, target, size=spec.get("size"), sha256=spec.get("sha256"),
                                    timeout=timeout, retries=retries, progress=progress)
-        except WeightsError as err:
-            if spec.get("optional") and getattr(err, "status", None) == 404:
+        except DownloadError as err:
+            if spec.get("optional") and err.status == 404:
                 return "optional, not on the server: skipped"
-            raise
+            raise WeightsError(str(err)) from None
         how = "sha256 from the manifest" if spec.get("sha256") else \
             f"no published sha256: recorded {digest[:12]}... in {LOCK_NAME}"
     lock[path] = {"size": os.path.getsize(target), "sha256": digest}
