@@ -311,8 +311,10 @@ def main(argv=None) -> dict:
             if distributed.is_main():
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(stats) + "\n")
-            bar.set_postfix(reward=f"{stats['reward']:.3f}", mccs=f"{stats.get('rewards/mccs/mean', 0):.3f}",
-                            kl=f"{stats.get('kl', 0):.4f}", len=f"{stats['completions/mean_length']:.0f}")
+            shown = {"reward": f"{stats['reward']:.3f}", "len": f"{stats['completions/mean_length']:.0f}"}
+            shown.update({name: f"{stats[key]:.{digits}f}" for name, key, digits in (
+                (args.reward, f"rewards/{args.reward}/mean", 3), ("kl", "kl", 4)) if key in stats})
+            bar.set_postfix(shown)  # kl only with a KL term (beta != 0), as in TRL's logs
             if args.sample_every and (step + 1) % args.sample_every == 0 and distributed.is_main():
                 tqdm.write(f"[step {step + 1}] reward {rollout.rewards[0]:.3f}: {rollout.texts[0][:300]}")
             if ((step + 1) % args.save_every == 0 or step + 1 == steps or interrupted) and distributed.is_main():
