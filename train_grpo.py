@@ -34,10 +34,11 @@ from mrgr1.metrics import format_table
 # values below is published by the paper except the reward weights; they are ours (see README).
 DEMO = dict(policy="tiny", labeler="rules", num_generations=8, max_new_tokens=72, temperature=1.0,
             lr=2e-3, beta=0.0, batch_size=8, steps=40, lora_rank=16, lora_alpha=32,
-            sft_steps=1000, sft_lr=3e-3, sft_batch_size=16, save_every=20, eval_limit=100)
+            sft_steps=1000, sft_lr=3e-3, sft_batch_size=16, save_every=20, eval_limit=100, eval_samples=8)
 REAL = dict(policy="huatuogpt-vision-7b", labeler="chexbert", num_generations=8, max_new_tokens=256,
             temperature=1.0, lr=1e-5, beta=0.04, batch_size=4, steps=1000, lora_rank=64,
-            lora_alpha=128, sft_steps=0, sft_lr=1e-5, sft_batch_size=4, save_every=100, eval_limit=200)
+            lora_alpha=128, sft_steps=0, sft_lr=1e-5, sft_batch_size=4, save_every=100, eval_limit=200,
+            eval_samples=0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sft-batch-size", type=int, default=None)
     a("--eval-limit", type=int, default=None, help="test studies scored before/after GRPO (0 = skip)")
     a("--eval-samples", type=int, default=None, help="sampled completions per test study whose mean "
-      "reward is printed before/after GRPO (default: --num-generations; 0 = skip)")
+      "reward is printed before/after GRPO (0 = skip; default: demo 8, real data 0)")
     a("--dtype", default="float32", choices=tuple(pipeline.DTYPES))
     a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     a("--grad-checkpointing", action="store_true")
@@ -97,7 +98,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    args.eval_samples = args.num_generations if args.eval_samples is None else args.eval_samples
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
     return args
 
