@@ -36,7 +36,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from mrgr1 import checkpoint, data, lora, pipeline, trainer, vlm, weights
+from mrgr1 import checkpoint, data, distributed, lora, pipeline, trainer, vlm, weights
 from mrgr1.labels import CONDITIONS
 from mrgr1.metrics import ce_scores, format_table, nlg_scores
 from mrgr1.rewards import extract_report, format_reward
@@ -321,7 +321,7 @@ def run_model(args, device) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 
 def evaluate(args) -> dict:
-    device = pipeline.pick_device(args.device)
+    device = distributed.pick_device(args.device)
     if args.predictions:
         if not os.path.isfile(args.predictions):
             raise EvalError(f"--predictions {args.predictions}: no such file")

@@ -28,7 +28,7 @@ import json
 import os
 import pickle
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

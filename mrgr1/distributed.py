@@ -57,16 +57,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def pick_device(name: str | None) -> torch.device:
+    """The device one process runs on: `name` when given, else cuda when available, else the CPU."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def init(device_name: str | None = None, timeout: datetime.timedelta = TIMEOUT) -> torch.device:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT
     in the environment) and return this rank's device: `--device` when it names one (a bare
     "cuda" becomes cuda:LOCAL_RANK), else cuda:LOCAL_RANK when CUDA is available, else the CPU.
     NCCL on CUDA, gloo on the CPU. A group that is already initialised (a test) is kept as it is.
-    In a single process this is pipeline.pick_device."""
+    In a single process this is pick_device."""
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if env_world == 1 and not dist.is_initialized():
-        return torch.device(device_name) if device_name else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        return pick_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_name in (None, "cuda"):
         use_cuda = torch.cuda.is_available() if device_name is None else True

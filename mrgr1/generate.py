@@ -37,7 +37,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from mrgr1.language import KVCache
 

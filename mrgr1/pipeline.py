@@ -26,12 +26,6 @@ from .config import preset
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_studies(dataset: str, root: str | None, split: str, **kwargs) -> list[data.Study]:
     """One split; the demo set is drawn on first use (a few seconds), real sets must exist."""
     if dataset == "demo":

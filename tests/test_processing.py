@@ -124,7 +124,7 @@ REPORTS = ["The heart is normal in size. The lungs are clear.",
 
 
 def test_demo_tokenizer_round_trips_and_keeps_qwen_special_order(tmp_path):
-    proc = train_demo_tokenizer(REPORTS, vocab_size=320, path=str(tmp_path))
+    train_demo_tokenizer(REPORTS, vocab_size=320, path=str(tmp_path))
     loaded = Processor.from_pretrained(str(tmp_path))
     ids = loaded.ids
     assert [ids[t] for t in ids] == sorted(ids.values())  # same relative order as Qwen's 151643..151656
