@@ -197,8 +197,8 @@ def evaluate(args, model, processor, labeler, studies, cfg, title) -> dict:
         sampled = trainer.sampled_rewards(model, processor, mine, labeler,
                                           dataclasses.replace(cfg, num_generations=args.eval_samples),
                                           generator, **special)
-        for name, values in sampled.items():
-            everyone = distributed.gather_lists(values.tolist())
+        for name in ("reward", args.reward, "format"):  # every rank gathers, even one with no studies
+            everyone = distributed.gather_lists(sampled[name].tolist() if sampled else [])
             scores[f"sampled/{name}"] = sum(everyone) / len(everyone)
         line += (f"\n{title}: reward of {args.eval_samples} sampled completions per study "
                  f"(T={args.temperature}) {scores['sampled/reward']:.4f}, "

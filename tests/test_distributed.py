@@ -258,6 +258,23 @@ def test_train_grpo_on_two_ranks_writes_once_and_resumes_on_one(demo_root, tmp_p
     assert [r["step"] for r in rows] == [1, 2]
 
 
+def _evaluate_one_study(rank, demo_root, out, result_dir):
+    results = train_grpo.main(run_args(demo_root, out, "--steps", "1", "--eval-limit", "1", "--eval-samples", "2"))
+    with open(os.path.join(result_dir, f"scores{rank}.json"), "w") as f:
+        json.dump(results, f)
+    distributed.cleanup()
+
+
+def test_a_rank_without_test_studies_still_joins_every_gather_of_the_evaluation(demo_root, tmp_path):
+    """One test study, two ranks: rank 1 scores nothing, yet must take part in each gather (or
+    rank 0 waits for ever), and both ranks end with the same scores."""
+    codes = run_ranks(tmp_path, _evaluate_one_study, demo_root, str(tmp_path / "run"), str(tmp_path))
+    assert codes == [0, 0], errors(tmp_path)
+    scores = [json.loads((tmp_path / f"scores{r}.json").read_text()) for r in (0, 1)]
+    assert scores[0] == scores[1]
+    assert {"ce_micro/f1", "sampled/reward", "sampled/mccs"} <= set(scores[0]["after"])
+
+
 def test_each_rank_takes_a_contiguous_slice_of_whole_studies(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
