@@ -11,6 +11,7 @@ The diagnostic behind the README's "The demo, measured". It prints
 
     python benchmarks/finding_mentions.py --policy runs/demo/sft
     python benchmarks/finding_mentions.py --policy runs/demo/sft --adapter runs/demo/final
+    python benchmarks/finding_mentions.py --policy runs/demo/sft --split test --limit 100 --samples 16
 """
 import argparse
 
@@ -78,6 +79,7 @@ def majority_vote(sampled: torch.Tensor, samples: int) -> torch.Tensor:
     others = [j for j, name in enumerate(labels.CONDITIONS) if name not in ("No Finding", "Support Devices")]
     vote[:, labels.NO_FINDING] = (vote[:, others] != labels.POSITIVE).all(1).long() * labels.POSITIVE
     return vote
+
 
 if __name__ == "__main__":
     main()
