@@ -76,8 +76,8 @@ def majority_vote(sampled: torch.Tensor, samples: int) -> torch.Tensor:
     observation but Support Devices positive)."""
     share = (sampled == labels.POSITIVE).float().view(-1, samples, sampled.shape[1]).mean(1)
     vote = (share > 0.5).long() * labels.POSITIVE                                 # [N, 14]
-    others = [j for j, name in enumerate(labels.CONDITIONS) if name not in ("No Finding", "Support Devices")]
-    vote[:, labels.NO_FINDING] = (vote[:, others] != labels.POSITIVE).all(1).long() * labels.POSITIVE
+    others = vote[:, :labels.NO_FINDING].tolist()                                # [N][13]
+    vote[:, labels.NO_FINDING] = torch.tensor([labels.no_finding(row) for row in others])
     return vote
 
 

@@ -175,8 +175,15 @@ def _aggregate(votes: dict[str, list[int]]) -> list[int]:
     for obs in CONDITIONS[:NO_FINDING]:
         v = votes.get(obs, [])
         row.append(POSITIVE if POSITIVE in v else UNCERTAIN if UNCERTAIN in v else NEGATIVE if v else BLANK)
-    found = any(c in (POSITIVE, UNCERTAIN) for obs, c in zip(CONDITIONS, row) if obs != "Support Devices")
-    return row + [BLANK if found else POSITIVE]
+    return row + [no_finding(row)]
+
+
+def no_finding(codes: list[int]) -> int:
+    """CheXpert's No Finding from the 13 other codes (CONDITIONS order): POSITIVE when no observation
+    other than Support Devices is positive or uncertain, else BLANK."""
+    found = any(c in (POSITIVE, UNCERTAIN) for obs, c in zip(CONDITIONS[:NO_FINDING], codes)
+                if obs != "Support Devices")
+    return BLANK if found else POSITIVE
 
 
 def rule_labels(reports: list[str]) -> torch.Tensor:

@@ -51,7 +51,7 @@ import numpy as np
 from PIL import Image
 
 from mrgr1 import synthetic_draw as draw
-from mrgr1.labels import BLANK, CONDITIONS, NEGATIVE, NO_FINDING, POSITIVE, UNCERTAIN
+from mrgr1.labels import BLANK, CONDITIONS, NEGATIVE, NO_FINDING, POSITIVE, UNCERTAIN, no_finding
 
 EC, CARD, OPAC, LESION, EDEMA, CONS, PNA, ATEL, PTX, EFF, PLO, FX, DEV = CONDITIONS[:NO_FINDING]
 assert (EC, CARD, DEV) == ("Enlarged Cardiomediastinum", "Cardiomegaly", "Support Devices")
@@ -227,9 +227,7 @@ def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str
 def _finish(sections, closing, stated) -> tuple[str, list[int]]:
     sentences = [t for sec in sections for t in sec] + closing
     codes = [stated.get(obs, BLANK) for obs in CONDITIONS[:NO_FINDING]]
-    # CheXpert's No Finding: no observation other than Support Devices positive or uncertain.
-    abnormal = any(c in (POSITIVE, UNCERTAIN) for obs, c in zip(CONDITIONS, codes) if obs != DEV)
-    return " ".join(sentences), codes + [BLANK if abnormal else POSITIVE]
+    return " ".join(sentences), codes + [no_finding(codes)]
 
 
 def make_study(seed: int, split: str, index: int, image_size: int):
