@@ -131,18 +131,24 @@ def test_prompt_in_padded_batch_equals_prompt_alone(models, batch):
         assert torch.equal(alone[0], together[row])
 
 
-def test_cached_decoding_logits_equal_full_forward(models, batch):
-    _, model = models
+def cached_and_full_logits(model, batch, new_tokens):
+    """Greedy decoding with the KV cache, recording each forward call's logits, and one uncached
+    forward over prompt + completion: (calls, full logits [B, P+new_tokens, V], P)."""
     calls, handle = count_calls(model)
     try:
-        completions, _ = ours(model, batch, 8, temperature=0)
+        completions, mask = ours(model, batch, new_tokens, temperature=0)
     finally:
         handle.remove()
     full_ids = torch.cat([batch["input_ids"], completions], dim=1)
-    full_mask = torch.cat([batch["attention_mask"], torch.ones_like(completions)], dim=1)
+    full_mask = torch.cat([batch["attention_mask"], mask], dim=1)
     with torch.no_grad():
-        full = model(full_ids, full_mask, batch["pixel_values"], batch["image_grid_thw"])  # [B, P+8, V]
-    prompt_len = batch["input_ids"].shape[1]
+        full = model(full_ids, full_mask, batch["pixel_values"], batch["image_grid_thw"])
+    return calls, full, batch["input_ids"].shape[1]
+
+
+def test_cached_decoding_logits_equal_full_forward(models, batch):
+    _, model = models
+    calls, full, prompt_len = cached_and_full_logits(model, batch, 8)
     assert len(calls) == 8  # prefill + 7 decode steps (the 8th token needs no forward)
     for step, logits in enumerate(calls):
         torch.testing.assert_close(logits[:, -1], full[:, prompt_len - 1 + step], atol=1e-4, rtol=1e-4)
@@ -254,16 +260,7 @@ def test_bfloat16_cached_logits_match_bfloat16_full_forward(models, batch):
     model_bf16 = Qwen2_5_VL.from_config(model.cfg).to(torch.bfloat16).eval()
     model_bf16.load_state_dict(model.state_dict())
     bf16_batch = dict(batch, pixel_values=batch["pixel_values"].bfloat16())
-    calls, handle = count_calls(model_bf16)
-    try:
-        completions, mask = ours(model_bf16, bf16_batch, 4, temperature=0)
-    finally:
-        handle.remove()
-    full_ids = torch.cat([batch["input_ids"], completions], dim=1)
-    full_mask = torch.cat([batch["attention_mask"], mask], dim=1)
-    with torch.no_grad():
-        full = model_bf16(full_ids, full_mask, bf16_batch["pixel_values"], batch["image_grid_thw"])
-    prompt_len = batch["input_ids"].shape[1]
+    calls, full, prompt_len = cached_and_full_logits(model_bf16, bf16_batch, 4)
     for step, logits in enumerate(calls):
         torch.testing.assert_close(logits[:, -1].float(), full[:, prompt_len - 1 + step].float(),
                                    atol=0.1, rtol=0.05)
