@@ -5,6 +5,9 @@ The diagnostic behind the README's "The demo, measured". It prints
 - the CE-F1 of a majority vote: a finding counts as stated when more than half of the sampled
   completions state it. Sharpening the policy (what GRPO does first) moves greedy decoding towards
   this vote, so a vote no better than greedy means sharpening alone cannot raise CE-F1;
+- with --vote-shares, the same vote at other shares t (a finding is stated when more than a share
+  t of the samples state it): a lower t trades precision for recall, as a policy that mentions a
+  finding it is less sure of would;
 - per CheXpert observation, P(stated positive | reference positive) and P(stated positive |
   reference not positive) over the samples. A policy that reads a finding from the pixels has the
   first much larger than the second.
@@ -12,6 +15,8 @@ The diagnostic behind the README's "The demo, measured". It prints
     python benchmarks/finding_mentions.py --policy runs/demo/sft
     python benchmarks/finding_mentions.py --policy runs/demo/sft --adapter runs/demo/final
     python benchmarks/finding_mentions.py --policy runs/demo/sft --split test --limit 100 --samples 16
+    python benchmarks/finding_mentions.py --policy runs/demo/sft --split test --limit 100 --samples 16 \
+        --vote-shares 0.2,0.25,0.3,0.35,0.4,0.45
 """
 import argparse
 
@@ -35,6 +40,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=72)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vote-shares", default="", help="also score votes at these shares, e.g. 0.25,0.3,0.4")
     args = p.parse_args(argv)
 
     model, processor = pipeline.load_policy(args.policy)
@@ -61,6 +67,11 @@ def main(argv=None):
           f"MCCS {float(mccs(greedy, study_ref).mean()):.4f} | sampled (T={args.temperature}): "
           f"MCCS {float(mccs(gen, ref).mean()):.4f} | majority vote of the {args.samples} samples: "
           f"CE-F1 (micro) {ce_scores(majority_vote(gen, args.samples), study_ref)['ce_micro/f1']:.4f}")
+    if args.vote_shares:
+        print("vote 'stated by more than a share t of the samples', CE-F1 (micro) / precision / recall:")
+        print(f"  greedy {' ' * 8}{_prf(greedy, study_ref)}")
+        for t in (float(x) for x in args.vote_shares.split(",")):
+            print(f"  t = {t:.2f}    {_prf(majority_vote(gen, args.samples, more_than=t), study_ref)}")
     print(f"{'observation':28s} {'studies':>7s}  P(stated + | +)  P(stated + | not +)")
     for j, name in enumerate(labels.CONDITIONS):
         pos = ref[:, j] == labels.POSITIVE
@@ -70,12 +81,17 @@ def main(argv=None):
                   f"{float(said[~pos].float().mean()):19.2f}")
 
 
-def majority_vote(sampled: torch.Tensor, samples: int) -> torch.Tensor:
-    """Codes [N*G, 14] of G samples per study -> [N, 14]: positive where more than half of a
-    study's samples say positive, blank elsewhere; No Finding by CheXpert's rule (no other
-    observation but Support Devices positive)."""
+def _prf(pred: torch.Tensor, ref: torch.Tensor) -> str:
+    sc = ce_scores(pred, ref)
+    return f"{sc['ce_micro/f1']:.4f} / {sc['ce_micro/precision']:.4f} / {sc['ce_micro/recall']:.4f}"
+
+
+def majority_vote(sampled: torch.Tensor, samples: int, more_than: float = 0.5) -> torch.Tensor:
+    """Codes [N*G, 14] of G samples per study -> [N, 14]: positive where more than a share
+    `more_than` (default half) of a study's samples say positive, blank elsewhere; No Finding by
+    CheXpert's rule (no other observation but Support Devices positive)."""
     share = (sampled == labels.POSITIVE).float().view(-1, samples, sampled.shape[1]).mean(1)
-    vote = (share > 0.5).long() * labels.POSITIVE                                 # [N, 14]
+    vote = (share > more_than).long() * labels.POSITIVE                           # [N, 14]
     others = vote[:, :labels.NO_FINDING].tolist()                                # [N][13]
     vote[:, labels.NO_FINDING] = torch.tensor([labels.no_finding(row) for row in others])
     return vote

@@ -32,3 +32,13 @@ def test_a_finding_is_voted_when_more_than_half_of_the_samples_state_it():
     assert vote[1, EDEMA] == 0 and vote[1, DEVICES] == POSITIVE
     assert vote[1, NO_FINDING] == POSITIVE  # devices alone leave a study normal (CheXpert's rule)
     assert int((vote == POSITIVE).sum()) == 3
+
+
+def test_a_lower_share_states_a_finding_fewer_samples_agree_on():
+    # edema in 1 of 3 samples: not a majority, but more than a share 0.25
+    e = f"i{EDEMA}"
+    samples = torch.tensor([codes(**{e: POSITIVE}), codes(), codes(**{e: NEGATIVE})])
+    assert finding_mentions.majority_vote(samples, samples=3)[0, EDEMA] == 0
+    vote = finding_mentions.majority_vote(samples, samples=3, more_than=0.25)
+    assert vote[0, EDEMA] == POSITIVE and vote[0, NO_FINDING] == 0
+    assert finding_mentions.majority_vote(samples, samples=3, more_than=1 / 3)[0, EDEMA] == 0  # strictly more
