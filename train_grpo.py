@@ -297,8 +297,10 @@ def main(argv=None) -> dict:
         for step in bar:
             batch = next_batch(len(train_studies), args.batch_size, args.seed, state)
             studies = [train_studies[i] for i in distributed.shard(batch)]  # this rank's part of it
-            if distributed.world_size() > 1:  # per-rank samples, from nothing saved: resume with any ranks
-                rollout_gen.manual_seed(distributed.rollout_seed(args.seed, distributed.rank(), step))
+            if distributed.world_size() > 1:  # per-rank samples and dropout masks, from nothing saved:
+                rank = distributed.rank()     # a run resumes with any number of ranks
+                rollout_gen.manual_seed(distributed.rollout_seed(args.seed, rank, step))
+                torch.manual_seed(distributed.rollout_seed(args.seed, rank, step, "dropout"))
             t0 = time.time()
             rollout = trainer.collect_rollout(model, processor, studies, labeler, cfg, rollout_gen,
                                               ref_model=ref_model, reward_cache=reward_cache,

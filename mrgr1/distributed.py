@@ -138,10 +138,11 @@ def gather_lists(mine: list) -> list:
     return [x for part in parts for x in part]
 
 
-def rollout_seed(seed: int, rank_: int, step: int) -> int:
-    """The seed of a rank's sampler at a step: differs between ranks (different completions),
-    and depends on nothing saved, so a run resumes with any number of ranks."""
-    digest = hashlib.sha256(f"mrgr1-rollout/{seed}/{rank_}/{step}".encode()).digest()
+def rollout_seed(seed: int, rank_: int, step: int, purpose: str = "rollout") -> int:
+    """The seed of a rank's sampler (purpose "rollout") or of its LoRA dropout masks ("dropout")
+    at a step: differs between ranks and purposes, and depends on nothing saved, so a run resumes
+    with any number of ranks."""
+    digest = hashlib.sha256(f"mrgr1-{purpose}/{seed}/{rank_}/{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1  # < 2**63
 
 
