@@ -299,8 +299,8 @@ def main(argv=None) -> dict:
             studies = [train_studies[i] for i in distributed.shard(batch)]  # this rank's part of it
             if distributed.world_size() > 1:  # per-rank samples and dropout masks, from nothing saved:
                 rank = distributed.rank()     # a run resumes with any number of ranks
-                rollout_gen.manual_seed(distributed.rollout_seed(args.seed, rank, step))
-                torch.manual_seed(distributed.rollout_seed(args.seed, rank, step, "dropout"))
+                rollout_gen.manual_seed(distributed.rank_seed(args.seed, rank, step, "rollout"))
+                torch.manual_seed(distributed.rank_seed(args.seed, rank, step, "dropout"))
             t0 = time.time()
             rollout = trainer.collect_rollout(model, processor, studies, labeler, cfg, rollout_gen,
                                               ref_model=ref_model, reward_cache=reward_cache,

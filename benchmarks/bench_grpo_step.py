@@ -56,9 +56,11 @@ def build(args, device, dtype):
     cfg = preset(args.preset, **processor.model_overrides())
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build the random weights directly in the run's dtype
-    with torch.device(device):
-        model = Qwen2_5_VL.from_config(cfg, seed=0)
-    torch.set_default_dtype(default)
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VL.from_config(cfg, seed=0)
+    finally:
+        torch.set_default_dtype(default)
     lora.apply_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.05)
     root = synthetic.generate(os.path.join(tempfile.mkdtemp(), "studies"), n_train=args.studies,
                               n_val=1, n_test=1, image_size=args.image_size)
@@ -166,7 +168,7 @@ def main():
             extra = f", {n * c / seconds:.0f} completion tok/s" if name == "generate" else ""
             print(f"  {name:10s} {seconds:7.2f} s  peak {peak:6.1f} GiB{extra}")
     if all(results.values()):
-        on, off = ({k: v for k, v in r.items()} for r in (results[True], results[False]))
+        on, off = results[True], results[False]
         print(f"checkpointing on / off: update time {on['update'][0] / off['update'][0]:.2f}x, "
               f"update peak memory {on['update'][1] / off['update'][1]:.2f}x")
 

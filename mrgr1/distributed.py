@@ -138,7 +138,7 @@ def gather_lists(mine: list) -> list:
     return [x for part in parts for x in part]
 
 
-def rollout_seed(seed: int, rank_: int, step: int, purpose: str = "rollout") -> int:
+def rank_seed(seed: int, rank_: int, step: int, purpose: str) -> int:
     """The seed of a rank's sampler (purpose "rollout") or of its LoRA dropout masks ("dropout")
     at a step: differs between ranks and purposes, and depends on nothing saved, so a run resumes
     with any number of ranks."""

@@ -280,7 +280,7 @@ def test_each_rank_takes_a_contiguous_slice_of_whole_studies(monkeypatch):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     assert distributed.shard([10, 11, 12, 13]) == [12, 13]
     assert distributed.split_evenly([1, 2, 3]) == [2, 3]  # evaluation: parts of any length
-    seeds = {distributed.rollout_seed(0, r, s, purpose) for r in (0, 1) for s in (0, 1)
+    seeds = {distributed.rank_seed(0, r, s, purpose) for r in (0, 1) for s in (0, 1)
              for purpose in ("rollout", "dropout")}
     assert len(seeds) == 8, "every (rank, step) samples, and drops LoRA inputs, with its own seed"
 
