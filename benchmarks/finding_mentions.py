@@ -10,13 +10,18 @@ The diagnostic behind the README's "The demo, measured". It prints
   finding it is less sure of would;
 - per CheXpert observation, P(stated positive | reference positive) and P(stated positive |
   reference not positive) over the samples. A policy that reads a finding from the pixels has the
-  first much larger than the second.
+  first much larger than the second;
+- with --first-token OBSERVATION, for the studies whose reference states it, the next-token
+  distribution where the report begins: a model that sees the finding but spreads its probability
+  over many ways of wording it can still lose every greedy choice to one stock sentence.
 
     python benchmarks/finding_mentions.py --policy runs/demo/sft
     python benchmarks/finding_mentions.py --policy runs/demo/sft --adapter runs/demo/final
     python benchmarks/finding_mentions.py --policy runs/demo/sft --split test --limit 100 --samples 16
     python benchmarks/finding_mentions.py --policy runs/demo/sft --split test --limit 100 --samples 16 \
         --vote-shares 0.2,0.25,0.3,0.35,0.4,0.45
+    python benchmarks/finding_mentions.py --policy runs/demo/sft --split test --limit 100 \
+        --first-token Cardiomegaly
 """
 import argparse
 
@@ -41,13 +46,20 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=72)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vote-shares", default="", help="also score votes at these shares, e.g. 0.25,0.3,0.4")
+    p.add_argument("--first-token", default="", metavar="OBSERVATION",
+                   help="also show, for the studies whose reference states this observation (e.g. "
+                        "Cardiomegaly), the policy's next-token distribution where the report begins")
     args = p.parse_args(argv)
 
+    if args.first_token and args.first_token not in labels.CONDITIONS:
+        p.error(f"--first-token {args.first_token!r} is not one of {', '.join(labels.CONDITIONS)}")
     model, processor = pipeline.load_policy(args.policy)
     if args.adapter:
         lora.load_adapter(model, args.adapter)
     studies = pipeline.load_studies(args.dataset, args.data_root, args.split)[:args.limit]
     labeler, special = labels.RuleLabeler(), pipeline.special_ids(processor)
+    if args.first_token:
+        show_first_tokens(model, processor, studies, labeler, args.first_token)
     generator = torch.Generator().manual_seed(args.seed)
     generated, reference = [], []
     for s in range(0, len(studies), 10):
@@ -79,6 +91,36 @@ def main(argv=None):
             said = gen[:, j] == labels.POSITIVE
             print(f"{name:28s} {int(pos.sum()) // args.samples:7d}  {float(said[pos].float().mean()):15.2f}  "
                   f"{float(said[~pos].float().mean()):19.2f}")
+
+
+def show_first_tokens(model, processor, studies, labeler, observation: str, top: int = 8) -> None:
+    """Where the report begins (after `<think>SFT_THINK</think><report>`), the next-token distribution
+    for the studies whose reference states `observation` positive: the tokens with the largest mean
+    probability, and how many of those studies pick each one greedily."""
+    j = labels.CONDITIONS.index(observation)
+    chosen = [s for s, row in zip(studies, labeler.label([s.report for s in studies])) if row[j] == labels.POSITIVE]
+    if not chosen:
+        print(f"no study in the split states {observation}")
+        return
+    prompts = trainer.encode_prompts(processor, chosen)
+    start = processor.tokenizer.encode(f"<think>{trainer.SFT_THINK}</think><report>").ids
+    start = torch.tensor(start).expand(len(chosen), -1)                            # [N, S]
+    ids = torch.cat([prompts["input_ids"], start], 1)
+    mask = torch.cat([prompts["attention_mask"], torch.ones_like(start)], 1)
+    with torch.no_grad():
+        logits = model(ids, mask, prompts["pixel_values"], prompts["image_grid_thw"], logits_to_keep=1)
+    print(f"first report token, {len(chosen)} studies whose reference states {observation}: "
+          f"token, mean probability, studies where it is greedy's choice")
+    for token, prob, picked in token_table(logits[:, -1].float().softmax(-1), top):
+        print(f"  {processor.tokenizer.decode([token])!r:20s} {prob:.3f} {picked:4d}")
+
+
+def token_table(probs: torch.Tensor, top: int) -> list[tuple[int, float, int]]:
+    """probs [N, V] -> (token, mean probability, rows whose argmax it is) for the `top` tokens of
+    largest mean probability, largest first."""
+    mean, picks = probs.mean(0), torch.bincount(probs.argmax(-1), minlength=probs.shape[1])
+    best = mean.topk(min(top, probs.shape[1]))
+    return [(t, p, int(picks[t])) for p, t in zip(best.values.tolist(), best.indices.tolist())]
 
 
 def _prf(pred: torch.Tensor, ref: torch.Tensor) -> str:

@@ -42,3 +42,15 @@ def test_a_lower_share_states_a_finding_fewer_samples_agree_on():
     vote = finding_mentions.majority_vote(samples, samples=3, more_than=0.25)
     assert vote[0, EDEMA] == POSITIVE and vote[0, NO_FINDING] == 0
     assert finding_mentions.majority_vote(samples, samples=3, more_than=1 / 3)[0, EDEMA] == 0  # strictly more
+
+
+def test_first_token_table_ranks_tokens_by_mean_probability_and_counts_greedy_picks():
+    # 3 studies, 4 tokens: token 0 has the largest mean probability (1/3) yet is no study's greedy
+    # choice; token 3 (mean 0.30) wins one study, token 1 (mean 0.85/3) two
+    probs = torch.tensor([[0.30, 0.40, 0.00, 0.30],
+                          [0.35, 0.45, 0.10, 0.10],
+                          [0.35, 0.00, 0.15, 0.50]])
+    table = finding_mentions.token_table(probs, top=3)
+    assert [t for t, _, _ in table] == [0, 3, 1]
+    assert [round(p, 4) for _, p, _ in table] == [0.3333, 0.3, 0.2833]
+    assert [n for _, _, n in table] == [0, 1, 2]
