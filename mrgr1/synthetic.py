@@ -13,9 +13,10 @@ Two properties of real reports are modelled on purpose (both ours in degree, see
   an unstated finding is left out, not negated, and its section then states no negative about it.
 - Normal statements are templated, findings are not: each pertinent negative has one wording
   (`normal_wordings="one"`, as the stock normal sentences of IU X-Ray), each finding several.
-  A token-level (MLE) model then spreads a finding's probability over many wordings while the
-  normal sentence keeps its mass in one, so greedy decoding can under-report what the model sees;
-  this is the gap between token-level training and a clinical reward that MRG-R1 targets.
+  Together they let a token-level (MLE) model see a finding and still not write it greedily: its
+  probability is split over the finding's wordings, while leaving it out continues with one stock
+  sentence (measured in the README, "Why it rises"). This is the gap between token-level training
+  and a clinical reward that MRG-R1 targets.
 `stated_share=1, normal_wordings="varied"` draws reports without either property.
 
 Drawn (13 of the 14 CheXpert observations; the patient's right is the image's left, as on a PA film):
