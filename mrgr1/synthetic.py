@@ -63,6 +63,7 @@ import numpy as np
 from PIL import Image
 
 from mrgr1 import synthetic_draw as draw
+from mrgr1.data import DataError
 from mrgr1.labels import BLANK, CONDITIONS, NEGATIVE, NO_FINDING, POSITIVE, UNCERTAIN, no_finding
 
 EC, CARD, OPAC, LESION, EDEMA, CONS, PNA, ATEL, PTX, EFF, PLO, FX, DEV = CONDITIONS[:NO_FINDING]
@@ -340,7 +341,7 @@ def ensure_demo(root: str = "data/demo", **kwargs) -> str:
     differ = {k: (settings.get(k), v) for k, v in dict(kwargs, version=VERSION).items() if settings.get(k) != v}
     if differ:
         said = ", ".join(f"{k}: {have} here, {want} asked" for k, (have, want) in sorted(differ.items()))
-        raise ValueError(f"{root} holds a demo set drawn with other settings ({said}); remove it "
+        raise DataError(f"{root} holds a demo set drawn with other settings ({said}); remove it "
                          f"(rm -r {root}) to draw the current one, or give another data root")
     return root
 

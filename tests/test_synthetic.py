@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mrgr1 import synthetic_draw as draw
+from mrgr1.data import DataError
 from mrgr1.labels import CONDITIONS, NEGATIVE, NO_FINDING, POSITIVE, UNCERTAIN
 from mrgr1.synthetic import Finding, ensure_demo, generate, main, make_study, sample_findings, write_report
 
@@ -72,10 +73,10 @@ def test_generate_refuses_a_non_empty_folder_and_ensure_demo_reuses_an_existing_
 
 def test_ensure_demo_refuses_a_set_drawn_with_other_settings_or_an_older_generator(tmp_path):
     root = generate(str(tmp_path / "demo"), n_train=2, n_val=1, n_test=1, image_size=28)
-    with pytest.raises(ValueError, match=r"stated_share: 0\.7 here, 1\.0 asked.*rm -r .*demo"):
+    with pytest.raises(DataError, match=r"stated_share: 0\.7 here, 1\.0 asked.*rm -r .*demo"):
         ensure_demo(root, stated_share=1.0)
     os.remove(os.path.join(root, "demo.json"))  # as written by generator version 1
-    with pytest.raises(ValueError, match=r"version: 1 here, 2 asked.*rm -r"):
+    with pytest.raises(DataError, match=r"version: 1 here, 2 asked.*rm -r"):
         ensure_demo(root)
 
 
