@@ -98,7 +98,8 @@ def show_first_tokens(model, processor, studies, labeler, observation: str, top:
     for the studies whose reference states `observation` positive: the tokens with the largest mean
     probability, and how many of those studies pick each one greedily."""
     j = labels.CONDITIONS.index(observation)
-    chosen = [s for s, row in zip(studies, labeler.label([s.report for s in studies])) if row[j] == labels.POSITIVE]
+    stated = labeler.label([s.report for s in studies])[:, j] == labels.POSITIVE     # [N]
+    chosen = [s for s, yes in zip(studies, stated.tolist()) if yes]
     if not chosen:
         print(f"no study in the split states {observation}")
         return

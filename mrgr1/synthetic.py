@@ -118,7 +118,8 @@ POSITIVE_TEMPLATES = {
            "Subsegmental atelectasis in the {side} lower lobe.", "Atelectasis at the {side} lung base.",
            "Platelike atelectasis at the {side} base.", "Mild {side} basilar atelectasis."],
     EFF: ["{Size} {side} pleural effusion.", "There is a {size} {side} pleural effusion.",
-          "{Side} pleural effusion, {size}.", "Blunting of the {side} costophrenic angle from a {size} pleural effusion.",
+          "{Side} pleural effusion, {size}.",
+          "Blunting of the {side} costophrenic angle from a {size} pleural effusion.",
           "Pleural effusion on the {side}, {size}."],
     PTX: ["{Size} {side} apical pneumothorax.", "There is a {size} {side} pneumothorax.",
           "{Side} pneumothorax with a visible pleural line.", "Pneumothorax on the {side}, {size}.",
@@ -342,7 +343,7 @@ def ensure_demo(root: str = "data/demo", **kwargs) -> str:
     if differ:
         said = ", ".join(f"{k}: {have} here, {want} asked" for k, (have, want) in sorted(differ.items()))
         raise DataError(f"{root} holds a demo set drawn with other settings ({said}); remove it "
-                         f"(rm -r {root}) to draw the current one, or give another data root")
+                        f"(rm -r {root}) to draw the current one, or give another data root")
     return root
 
 
