@@ -93,6 +93,11 @@ def test_cli_writes_the_requested_sizes(tmp_path, capsys):
     ann = json.load(open(tmp_path / "d" / "annotation.json"))
     assert [len(ann[s]) for s in ("train", "val", "test")] == [3, 1, 1]
     assert "wrote 3/1/1" in capsys.readouterr().out
+    main(["--out", str(tmp_path / "e"), "--train", "1", "--val", "1", "--test", "1", "--image-size", "28",
+          "--stated-share", "1", "--normal-wordings", "varied"])
+    settings = json.load(open(tmp_path / "e" / "demo.json"))
+    assert settings["stated_share"] == 1.0 and settings["normal_wordings"] == "varied"
+    assert settings["version"] == 2 and settings["n_train"] == 1 and settings["image_size"] == 28
 
 
 # ---------------------------------------------------------------- the reports
