@@ -242,3 +242,11 @@ def test_the_command_line_reports_missing_data_without_a_traceback(tmp_path):
                            "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "error: data folder not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_run_ends_with_its_test_ce_f1_and_sampled_reward_before_and_after(demo_root, tmp_path, capsys):
+    results = run(demo_root, tmp_path / "r", "--steps", "1", "--eval-limit", "2", "--eval-samples", "2")
+    b, a = results["before"], results["after"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f"GRPO moved test CE-F1 (micro) {b['ce_micro/f1']:.4f} -> {a['ce_micro/f1']:.4f}, "
+                    f"the sampled reward {b['sampled/reward']:.4f} -> {a['sampled/reward']:.4f}")
