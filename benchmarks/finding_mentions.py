@@ -94,9 +94,9 @@ def main(argv=None):
 
 
 def show_first_tokens(model, processor, studies, labeler, observation: str, top: int = 8) -> None:
-    """Where the report begins (after `<think>SFT_THINK</think><report>`), the next-token distribution
-    for the studies whose reference states `observation` positive: the tokens with the largest mean
-    probability, and how many of those studies pick each one greedily."""
+    """Where the report begins (after trainer.report_start(), as in the SFT targets), the next-token
+    distribution for the studies whose reference states `observation` positive: the tokens with the
+    largest mean probability, and how many of those studies pick each one greedily."""
     j = labels.CONDITIONS.index(observation)
     stated = labeler.label([s.report for s in studies])[:, j] == labels.POSITIVE     # [N]
     chosen = [s for s, yes in zip(studies, stated.tolist()) if yes]
@@ -104,8 +104,7 @@ def show_first_tokens(model, processor, studies, labeler, observation: str, top:
         print(f"no study in the split states {observation}")
         return
     prompts = trainer.encode_prompts(processor, chosen)
-    start = processor.tokenizer.encode(f"<think>{trainer.SFT_THINK}</think><report>").ids
-    start = torch.tensor(start).expand(len(chosen), -1)                            # [N, S]
+    start = torch.tensor(processor.encode(trainer.report_start())).expand(len(chosen), -1)   # [N, S]
     ids = torch.cat([prompts["input_ids"], start], 1)
     mask = torch.cat([prompts["attention_mask"], torch.ones_like(start)], 1)
     with torch.no_grad():

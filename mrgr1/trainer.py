@@ -287,9 +287,14 @@ def rollout_stats(rollout: Rollout, cfg: GRPOConfig) -> dict:
 
 # ----------------------------------------------------------------------------- SFT
 
+def report_start(think: str = SFT_THINK) -> str:
+    """What an SFT target says before its report: `<think>think</think><report>`."""
+    return f"<think>{think}</think><report>"
+
+
 def sft_targets(processor, studies: list[Study], eos_token_id: int, think: str = SFT_THINK):
     """Reference reports in the target format, tokenised and right padded: ids, mask [B, C]."""
-    texts = [f"<think>{think}</think><report>{s.report}</report>" for s in studies]
+    texts = [f"{report_start(think)}{s.report}</report>" for s in studies]
     encoded = [processor.encode(t) + [eos_token_id] for t in texts]
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), eos_token_id, dtype=torch.long)
