@@ -222,6 +222,10 @@ def test_before_and_after_grpo_report_ce_f1_and_the_sampled_reward(demo_root, tm
     for when in ("before", "after"):
         assert {"ce_micro/f1", "sampled/reward", "sampled/mccs", "sampled/format"} <= set(results[when])
         assert f"{when} GRPO: reward of 2 sampled completions per study" in printed
+    b, a = results["before"], results["after"]  # the run's last line sums it up
+    assert printed.strip().splitlines()[-1] == (
+        f"GRPO moved test CE-F1 (micro) {b['ce_micro/f1']:.4f} -> {a['ce_micro/f1']:.4f}, "
+        f"the sampled reward {b['sampled/reward']:.4f} -> {a['sampled/reward']:.4f}")
     skipped = run(demo_root, tmp_path / "b", "--steps", "1", "--eval-limit", "2", "--eval-samples", "0")
     assert "ce_micro/f1" in skipped["before"] and "sampled/reward" not in skipped["before"]
 
@@ -243,10 +247,3 @@ def test_the_command_line_reports_missing_data_without_a_traceback(tmp_path):
     assert done.returncode != 0
     assert "error: data folder not found" in done.stderr and "Traceback" not in done.stderr
 
-
-def test_a_run_ends_with_its_test_ce_f1_and_sampled_reward_before_and_after(demo_root, tmp_path, capsys):
-    results = run(demo_root, tmp_path / "r", "--steps", "1", "--eval-limit", "2", "--eval-samples", "2")
-    b, a = results["before"], results["after"]
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last == (f"GRPO moved test CE-F1 (micro) {b['ce_micro/f1']:.4f} -> {a['ce_micro/f1']:.4f}, "
-                    f"the sampled reward {b['sampled/reward']:.4f} -> {a['sampled/reward']:.4f}")
