@@ -94,7 +94,7 @@ def _fetch_into(url, dest, size, timeout, progress):
                             status=err.code) from None
     except (urllib.error.URLError, OSError) as err:
         raise DownloadError(f"cannot reach {url}: {getattr(err, 'reason', err)} (no network, a proxy or a "
-                           "firewall? for a mirror set HF_ENDPOINT)\n" + _by_hand(url, dest)) from None
+                            "firewall? for a mirror set HF_ENDPOINT)\n" + _by_hand(url, dest)) from None
     with response:
         if have and response.status != 206:
             have = 0  # the file changed, or the server ignores Range: start again from byte 0
