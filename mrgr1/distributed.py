@@ -7,8 +7,10 @@ Every rank holds the whole policy and takes its own studies; nothing else is spl
     global batch of B studies (data.batch_indices, identical on every rank)
       -> rank r takes the contiguous slice [r*B/W, (r+1)*B/W)           (`shard`; W = world size)
       -> G completions per study, rewards, group advantages: all local, since a group never
-         leaves its rank (only --scale-rewards batch needs the std of every rank's rewards)
-      -> loss on the local rows divided by the GLOBAL normaliser           (`global_loss_normalizer`)
+         leaves its rank (only --scale-rewards batch needs the std of every rank's rewards:
+         `gather_rows`)
+      -> loss on the local rows divided by the GLOBAL normaliser, the sum over ranks of
+         grpo.loss_normalizer                                                  (`sum_across_ranks`)
       -> backward -> SUM of .grad over ranks                                 (`sum_gradients`)
          = exactly the gradient of one process on the whole batch
       -> clipping and AdamW see the same gradient on every rank: the weights stay identical.
@@ -36,8 +38,6 @@ import os
 
 import torch
 import torch.distributed as dist
-
-from . import grpo
 
 # How long a collective waits for the other ranks before it raises instead of hanging (torch's
 # default): rank 0 writing a checkpoint or the demo set is well within it.
@@ -193,24 +193,6 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
-
-
-def global_loss_normalizer(mask: torch.Tensor, loss_type: str, max_len: int | None = None) -> float:
-    """grpo.loss_normalizer of the GLOBAL batch from this rank's completion mask [n, T]:
-    sequences (grpo), tokens (bnpo, dapo) or sequences * max_len (dr_grpo), summed over ranks.
-    Each rank divides its loss by it and the gradients are SUMMED: sum_r (sum of rank r's terms)
-    / global normaliser is the single-process loss on the whole batch."""
-    local = grpo.loss_normalizer(mask, loss_type, max_len)
-    if world_size() == 1:
-        return local
-    if loss_type in ("bnpo", "dapo"):  # the raw count: loss_normalizer clamps it to >= 1 per rank
-        return max(sum_across_ranks(float(mask.sum())), 1.0)
-    return sum_across_ranks(local)
-
-
-def global_token_count(mask: torch.Tensor):
-    """mask.sum() over every rank: the SFT loss's denominator (the tensor itself in one process)."""
-    return mask.sum() if world_size() == 1 else sum_across_ranks(float(mask.sum()))
 
 
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:

@@ -35,13 +35,14 @@ def _check_finite(rewards: torch.Tensor, group_size: int) -> None:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+                     eps: float = 1e-4, batch_std: float | None = None) -> torch.Tensor:
     """A_i = (R_i - mean_group R) / (std R + eps) for rewards [N] grouped by prompt -> [N].
 
     Rows i*G .. i*G+G-1 are the G completions of prompt i (generate's order).
     scale: "group" divides by the group's std (GRPO); "batch" by the std of the whole batch
     (the mean stays per group); "none" does not divide (Dr. GRPO). std is the unbiased one
-    (divide by G - 1), as TRL does. A group whose rewards are all equal gets A = 0 exactly:
+    (divide by G - 1), as TRL does. batch_std: the batch's std when the batch is larger than
+    `rewards` (several ranks: the std of every rank's rewards); default rewards.std(). A group whose rewards are all equal gets A = 0 exactly:
     it carries no signal about which completion is better.
     Worked example, G = 4, rewards [1, 0, 0.5, 0.5]:
         mean = 0.5, deviations [0.5, -0.5, 0, 0], std = sqrt((0.25 + 0.25) / 3) = 0.4082
@@ -61,7 +62,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if scale == "group":
         deviations = deviations / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        deviations = deviations / (rewards.float().std() + eps)
+        std = rewards.float().std() if batch_std is None else batch_std
+        deviations = deviations / (std + eps)
     return deviations.flatten()                                            # [N]
 
 
@@ -72,8 +74,9 @@ def token_logps_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
     """log pi(tokens[n, t]) under softmax(logits[n, t] / temperature) -> [N, T] float32.
 
     logits [N, T, V] must already be aligned with tokens [N, T] (logits[:, t] predicts tokens[:, t]).
-    Dividing by the sampling temperature makes these the log-probs of the distribution the
-    completions were sampled from, so on-policy the ratio r is exactly 1.
+    Dividing the logits by the sampling temperature makes these the log-probs of the
+    distribution the completions were sampled from (log_softmax(z / T), not log p / T), so the
+    importance ratio compares like with like.
     Reference version: it builds a float32 copy of the logits; the model computes the same thing
     chunk by chunk (`Qwen2_5_VL.token_logps`) for long completions and large vocabularies.
     """
@@ -123,7 +126,9 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 def loss_normalizer(mask: torch.Tensor, loss_type: str = "grpo", max_len: int | None = None) -> float:
     """The denominator `aggregate` uses for a whole batch with completion mask [N, T].
 
-    "grpo": N (sequences); "bnpo"/"dapo": number of completion tokens; "dr_grpo": N * max_len.
+    "grpo": N (sequences); "bnpo"/"dapo": number of completion tokens (may be 0 when every
+    row is masked; `aggregate` then divides by 1); "dr_grpo": N * max_len. Several ranks: the
+    sum of every rank's value is the whole batch's (what grpo_step passes on).
     Gradient accumulation: compute this once on the full batch, pass it as `normalizer` to
     `policy_loss` for each micro-batch and SUM the micro-batch losses: the sum then equals the
     full-batch loss (and so do the gradients). Averaging per micro-batch instead would weigh a
@@ -134,7 +139,7 @@ def loss_normalizer(mask: torch.Tensor, loss_type: str = "grpo", max_len: int | 
     if loss_type == "grpo":
         return float(mask.shape[0])
     if loss_type in ("bnpo", "dapo"):
-        return max(float(mask.sum()), 1.0)
+        return float(mask.sum())
     max_len = mask.shape[1] if max_len is None else max_len
     if max_len < mask.shape[1]:
         raise ValueError(f"dr_grpo max_len ({max_len}) is shorter than the completions "
@@ -160,6 +165,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grp
         normalizer = loss_normalizer(mask, loss_type, max_len)
     elif loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    normalizer = max(normalizer, 1.0)  # no completion token at all: the loss is 0, not 0 / 0
     if loss_type == "grpo":
         per_seq = per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)          # [N]
         return per_seq.sum() / normalizer
@@ -185,7 +191,8 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, e
                 beta=0.04, loss_type="grpo", max_len=None, normalizer=None):
     """The GRPO loss and its statistics for one (micro-)batch.
 
-    logps [N, T] (with grad), old_logps [N, T] or None (on-policy: logps.detach(), so r = 1),
+    logps [N, T] (with grad), old_logps [N, T] or None (on-policy: old = logps.detach(), so
+    r = 1 exactly and only its gradient, A * grad log p, remains),
     ref_logps [N, T] or None (only when beta = 0), advantages [N], mask [N, T] (1 = completion
     token). loss_type and max_len: see `aggregate`; normalizer: see `loss_normalizer`.
     Returns (loss, stats) with stats as floats: "kl" (mean k3 over tokens, when ref_logps is

@@ -235,11 +235,13 @@ def reference_labels(study_ids: list, ref_reports: list[str], labeler, cache: di
 
 def clinical_reward(reports: list[str], study_ids: list, ref_reports: list[str], labeler, *,
                     kind: str = "mccs", margin: float = DEFAULT_MARGIN, mapping=DEFAULT_MAPPING,
-                    cache: dict | None = None) -> torch.Tensor:
+                    cache: dict | None = None, details: dict | None = None) -> torch.Tensor:
     """The content part of the reward for extracted reports -> [N]: MCCS, CE-F1 or BLEU-4.
 
     An empty report scores 0 (ours): otherwise it would label as "nothing mentioned" and earn
     CCS = 1 on every study whose reference mentions nothing either.
+    details: a dict to receive what the reward saw: "labels" and "ref_labels" [N, 14] (kinds
+    mccs, ce_f1) and "ccs" [N] (mccs), so that a viewer shows them without labelling again.
     """
     if kind == "bleu":
         scores = torch.tensor([sentence_bleu(h, r) for h, r in zip(reports, ref_reports)])
@@ -247,19 +249,24 @@ def clinical_reward(reports: list[str], study_ids: list, ref_reports: list[str],
         ref = reference_labels(study_ids, ref_reports, labeler, {} if cache is None else cache)
         gen = _label(labeler, reports)
         scores = mccs(gen, ref, margin, mapping) if kind == "mccs" else ce_f1_reward(gen, ref)
+        if details is not None:
+            details.update(labels=gen, ref_labels=ref)
     empty = torch.tensor([not r.strip() for r in reports])
+    if details is not None and kind == "mccs":  # an empty report's CCS is 0 like its reward
+        details["ccs"] = torch.where(empty, 0.0, ccs(signed_vectors(gen, mapping), signed_vectors(ref, mapping)))
     return torch.where(empty, 0.0, scores.float())
 
 
 def compute_rewards(completions: list[str], study_ids: list, ref_reports: list[str], labeler, *,
                     weights: dict | None = None, margin: float = DEFAULT_MARGIN, kind: str = "mccs",
-                    mapping=DEFAULT_MAPPING, cache: dict | None = None):
+                    mapping=DEFAULT_MAPPING, cache: dict | None = None, details: dict | None = None):
     """Total reward R = w_kind * clinical + w_format * format for N completions.
 
     completions: decoded texts [N]; study_ids / ref_reports: the study of each completion [N]
     (repeat them G times for G rollouts). labeler: anything with `.label(list[str]) -> [N, 14]`
     (unused for kind="bleu"). weights: {kind: w, "format": w}, default {kind: 0.75, "format": 0.25}
     as in the paper. cache: a dict kept by the trainer so references are labelled once per study.
+    details: see `clinical_reward`.
     Returns (total [N], parts {kind: [N], "format": [N]}) so each part can be logged.
     """
     if kind not in KINDS:
@@ -273,7 +280,7 @@ def compute_rewards(completions: list[str], study_ids: list, ref_reports: list[s
                          f"ref_reports ({len(ref_reports)}) must have one entry per completion")
     reports = [extract_report(c) for c in completions]
     parts = {kind: clinical_reward(reports, study_ids, ref_reports, labeler, kind=kind,
-                                   margin=margin, mapping=mapping, cache=cache),
+                                   margin=margin, mapping=mapping, cache=cache, details=details),
              "format": format_reward(completions)}
     total = sum(weights[k] * parts[k] for k in parts)  # [N]
     return total, parts

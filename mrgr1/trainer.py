@@ -1,21 +1,25 @@
-"""One GRPO step, one SFT step, and the CE evaluation: the pieces train_grpo.py strings together.
+"""One GRPO step (`grpo_step`), one SFT step, and the CE evaluation: what train_grpo.py strings together.
 
-A GRPO step for B studies (MRG-R1, arXiv 2512.16145; GRPO from DeepSeekMath, arXiv 2402.03300):
+A GRPO step for B studies (MRG-R1, arXiv 2512.16145; GRPO from DeepSeekMath, arXiv 2402.03300),
+`grpo_step` line for line:
 
-    studies --prompt--> input_ids [B, P] + images
-            --generate (G samples each, KV cache)--> completions [B*G, C]
-            --decode, extract <report>, label--> rewards R [B*G] = 0.75 MCCS + 0.25 format
-            --group_advantages--> A [B*G]
-            --token_logps (old: when num_iterations > 1; ref: adapters off)--> [B*G, C]
-            --policy_loss over micro-batches, AdamW--> updated adapters
+    1 prompts      studies --chat template + views--> input_ids [B, P], pixel_values
+    2 rollout      --generate (G samples each, KV cache)--> completions [B*G, C]
+    3 reward       --decode, extract <report>, label--> R [B*G] = 0.75 MCCS + 0.25 format
+    4 advantages   --group_advantages--> A [B*G]
+    5 log-probs    --token_logps: old (num_iterations > 1), reference (adapters off)--> [B*G, C]
+    6 update       --policy_loss over micro-batches, backward, (ranks: sum), clip, AdamW
 
-Sequences for the update are `[left-padded prompt | completion, right-padded]`, so the completion
-is always the last C columns and `model.token_logps(..., logits_to_keep=C)` scores it. The same
-layout serves the SFT warm start, whose "completion" is the reference report in the target format.
+Sequences for the update are `[left-padded prompt | completion, right-padded]` (a `Rollout`), so
+the completion is always the last C columns and `model.token_logps(..., logits_to_keep=C)`
+scores it. The same layout serves the SFT warm start, whose "completion" is the reference report
+in the target format.
 
 Example:
-    rollout = collect_rollout(model, processor, studies, reward_fn, cfg, generator)
-    stats = grpo_update(model, rollout, optimizer, scheduler, cfg)
+    special = pipeline.special_ids(processor)       # EOS ids (without them nothing stops), pad, suppressed
+    stats, rollout = grpo_step(model, processor, studies, labeler, optimizer, scheduler,
+                               GRPOConfig(), torch.Generator().manual_seed(0), **special)
+    stats["reward"], stats["kl"], rollout.texts[0], rollout.advantages   # [B*G]
 """
 from __future__ import annotations
 
@@ -104,181 +108,221 @@ def join_completions(prompts: dict, completions: torch.Tensor, completion_mask: 
             "attention_mask": torch.cat([prompts["attention_mask"], completion_mask], 1)}  # [N, P+C]
 
 
-# ----------------------------------------------------------------------------- rollout
+# ----------------------------------------------------------------------------- the rollout
 
 @dataclass
 class Rollout:
-    """B studies x G completions and everything the update needs; row i is from study i // G."""
-    sequences: dict                  # input_ids / attention_mask [N, P+C], pixel_values, image_grid_thw
-    completion_mask: torch.Tensor    # [N, C] 1 on completion tokens (EOS included)
-    advantages: torch.Tensor         # [N]
-    rewards: torch.Tensor            # [N]
-    reward_parts: dict               # name -> [N]
-    old_logps: torch.Tensor | None   # [N, C]; None when num_iterations == 1 (on-policy)
-    ref_logps: torch.Tensor | None   # [N, C]; None when beta == 0
-    texts: list[str]                 # decoded completions [N]
-    truncated: torch.Tensor          # [N] bool: hit max_new_tokens without EOS
+    """B studies x G completions: what one GRPO step sampled, scored and trains on.
 
+    Row i is completion i % G of study i // G (generate's order); N = B * G rows. The update's
+    inputs are the rows `[left-padded prompt | completion, right padded]`, so every completion is
+    the last C columns and `model.token_logps(**rollout.rows(a, b), logits_to_keep=C)` scores it.
+    """
+    input_ids: torch.Tensor                 # [N, P+C]
+    attention_mask: torch.Tensor            # [N, P+C] 0 on left padding and after EOS
+    completion_mask: torch.Tensor           # [N, C] 1 on completion tokens, EOS included
+    image_grid_thw: torch.Tensor | None     # [n_images, 3] (t, h, w) patches, images in row order
+    images_per_row: torch.Tensor | None     # [N] views of row i's study
+    pixel_values: torch.Tensor | None       # [n_patches, D_patch]: when the vision tower trains
+    image_features: torch.Tensor | None     # [n_image_tokens, D]: frozen tower, encoded once per study
+    image_tokens_per_row: torch.Tensor | None  # [N] image tokens of row i (with image_features)
+    texts: list[str]                        # [N] decoded completions
+    truncated: torch.Tensor                 # [N] bool: hit max_new_tokens without EOS
+    rewards: torch.Tensor                   # [N] R_i = w * clinical + w_f * format
+    reward_parts: dict                      # name ("mccs" | "ce_f1" | "bleu", "format") -> [N]
+    advantages: torch.Tensor                # [N] A_i
+    labels: torch.Tensor | None = None      # [N, 14] CheXbert codes of each generated report
+    ref_labels: torch.Tensor | None = None  # [N, 14] codes of each row's reference report
+    ccs: torch.Tensor | None = None         # [N] CCS before the margin (reward kind "mccs")
+    old_logps: torch.Tensor | None = None   # [N, C] pi_old; None when num_iterations == 1 (r = 1)
+    ref_logps: torch.Tensor | None = None   # [N, C] pi_ref (adapters off); None when beta == 0
 
-def _logps(model, seqs: dict, width: int, temperature: float, micro: int) -> torch.Tensor:
-    """token_logps over row chunks of size `micro`: [N, width]."""
-    n = seqs["input_ids"].shape[0]
-    return torch.cat([model.token_logps(**select_rows(seqs, s, s + micro), logits_to_keep=width,
-                                        temperature=temperature) for s in range(0, n, micro)])
-
-
-def select_rows(seqs: dict, start: int, stop: int) -> dict:
-    """Rows [start, stop) of a sequence batch, with their images (or their image features)."""
-    out = {"input_ids": seqs["input_ids"][start:stop], "attention_mask": seqs["attention_mask"][start:stop],
-           "pixel_values": None, "image_grid_thw": None}
-    if seqs.get("image_grid_thw") is None:
+    def rows(self, start: int, stop: int) -> dict:
+        """Model inputs (input_ids, attention_mask and the images) of rows [start, stop)."""
+        out = {"input_ids": self.input_ids[start:stop], "attention_mask": self.attention_mask[start:stop],
+               "pixel_values": None, "image_grid_thw": None}
+        if self.image_grid_thw is None:
+            return out
+        first, last = int(self.images_per_row[:start].sum()), int(self.images_per_row[:stop].sum())
+        out["image_grid_thw"] = self.image_grid_thw[first:last]
+        if self.image_features is not None:
+            tokens = self.image_tokens_per_row
+            out["image_features"] = self.image_features[int(tokens[:start].sum()):int(tokens[:stop].sum())]
+        else:
+            patches = self.image_grid_thw.prod(-1)
+            out["pixel_values"] = self.pixel_values[int(patches[:first].sum()):int(patches[:last].sum())]
         return out
-    per_row = seqs["images_per_row"]                                   # [N] images of each row
-    first_img, last_img = int(per_row[:start].sum()), int(per_row[:stop].sum())
-    out["image_grid_thw"] = seqs["image_grid_thw"][first_img:last_img]
-    if seqs.get("image_features") is not None:                         # [n_tokens, D], rows in order
-        tokens = seqs["image_tokens_per_row"]
-        out["image_features"] = seqs["image_features"][int(tokens[:start].sum()):int(tokens[:stop].sum())]
-    else:
-        patches = seqs["image_grid_thw"].prod(-1)
-        out["pixel_values"] = seqs["pixel_values"][int(patches[:first_img].sum()):int(patches[:last_img].sum())]
-    return out
 
 
-def shared_image_features(model, prompts: dict, num_repeats: int) -> dict:
-    """With a frozen vision tower (LoRA on the decoder), encode each prompt's images once and give
-    the G rows of that prompt the same features, instead of running the tower B*G times.
-    Returns {} when the tower trains (or there are no images): the rows then carry pixels."""
-    if prompts.get("pixel_values") is None or any(p.requires_grad for p in model.model.visual.parameters()):
-        return {}
-    features = model.image_features(prompts["pixel_values"], prompts["image_grid_thw"])   # [tokens, D]
-    per_prompt = (prompts["input_ids"] == model.cfg.image_token_id).sum(1)                # [B]
-    blocks = features.split(per_prompt.tolist())
-    return {"image_features": torch.cat([b for b in blocks for _ in range(num_repeats)]),
-            "image_tokens_per_row": per_prompt.repeat_interleave(num_repeats).cpu()}
+def sample_completions(model, prompts: dict, cfg: GRPOConfig, generator, *, eos_token_ids=(),
+                       pad_token_id: int = 0, suppress_token_ids=()):
+    """G sampled completions per prompt -> completions, completion_mask [B*G, C], truncated [B*G].
+
+    Columns that no row used are dropped (C <= max_new_tokens); truncated: no EOS within budget."""
+    with torch.no_grad():
+        completions, cmask = generate(model, prompts["input_ids"], prompts["attention_mask"],
+                                      prompts.get("pixel_values"), prompts.get("image_grid_thw"),
+                                      max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_generations,
+                                      temperature=cfg.temperature, top_p=cfg.top_p,
+                                      eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                                      suppress_token_ids=suppress_token_ids, generator=generator)
+    width = max(int(cmask.sum(1).max()), 1)
+    completions, cmask = completions[:, :width], cmask[:, :width]                   # [N, C]
+    last = completions.gather(1, (cmask.sum(1, keepdim=True) - 1).clamp_min(0))     # [N, 1]
+    truncated = ~torch.isin(last, torch.tensor(list(eos_token_ids), device=last.device)).squeeze(1)
+    return completions, cmask, truncated
 
 
-def micro_batch_size(n: int, grad_accum: int) -> int:
-    """Rows per micro-batch when n rows are split into grad_accum micro-batches."""
-    return max(1, -(-n // grad_accum))
+def decode_completions(processor, completions: torch.Tensor, completion_mask: torch.Tensor,
+                       pad_token_id: int = 0) -> list[str]:
+    """Token ids [N, C] -> N texts (EOS and padding dropped)."""
+    return processor.batch_decode(completions * completion_mask + pad_token_id * (1 - completion_mask))
 
 
-@torch.no_grad()
-def sample_and_score(model, processor, studies: list[Study], labeler, cfg: GRPOConfig,
-                     generator: torch.Generator | None, *, reward_cache: dict | None = None,
-                     eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()) -> dict:
-    """G sampled completions per study and their rewards: the first half of a rollout.
+def score_completions(texts: list[str], studies: list[Study], labeler, cfg: GRPOConfig,
+                      reward_cache: dict | None = None):
+    """Rewards of N = B * G completions (G per study, in order) -> (R [N], parts, details).
 
-    Returns prompts (encode_prompts), completions / completion_mask [B*G, C] (columns no row used
-    dropped), truncated [B*G] (no EOS), texts [B*G], rewards [B*G] and reward_parts {name: [B*G]}."""
-    device = next(model.parameters()).device
-    G = cfg.num_generations
-    prompts = encode_prompts(processor, studies, device)
-    completions, cmask = generate(model, prompts["input_ids"], prompts["attention_mask"],
-                                  prompts.get("pixel_values"), prompts.get("image_grid_thw"),
-                                  max_new_tokens=cfg.max_new_tokens, num_samples=G,
-                                  temperature=cfg.temperature, top_p=cfg.top_p,
-                                  eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                                  suppress_token_ids=suppress_token_ids, generator=generator)  # [N, C]
-    width = int(cmask.sum(1).max())              # drop columns no row used
-    completions, cmask = completions[:, :width], cmask[:, :width]
-    truncated = ~torch.isin(completions.gather(1, (cmask.sum(1, keepdim=True) - 1).clamp_min(0)),
-                            torch.tensor(list(eos_token_ids), device=device)).squeeze(1)
-    texts = processor.batch_decode(completions * cmask + pad_token_id * (1 - cmask))
+    details holds what the reward saw: "labels" / "ref_labels" [N, 14] and "ccs" [N] (MCCS)."""
+    G, details = len(texts) // max(len(studies), 1), {}
     rewards, parts = compute_rewards(texts, [s.id for s in studies for _ in range(G)],
                                      [s.report for s in studies for _ in range(G)], labeler,
                                      weights=cfg.reward_weights, margin=cfg.mccs_margin,
-                                     mapping=cfg.mccs_mapping, kind=cfg.reward_kind, cache=reward_cache)
-    return {"prompts": prompts, "completions": completions, "completion_mask": cmask,
-            "truncated": truncated, "texts": texts, "rewards": rewards, "reward_parts": parts}
+                                     mapping=cfg.mccs_mapping, kind=cfg.reward_kind, cache=reward_cache,
+                                     details=details)
+    return rewards, parts, details
 
 
-@torch.no_grad()
-def collect_rollout(model, processor, studies: list[Study], labeler, cfg: GRPOConfig,
-                    generator: torch.Generator | None, *, ref_model=None, reward_cache: dict | None = None,
-                    eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()) -> Rollout:
-    """Sample G completions per study, score them and precompute the log-probs the loss needs.
+def update_inputs(model, prompts: dict, completions: torch.Tensor, completion_mask: torch.Tensor,
+                  num_repeats: int) -> dict:
+    """The Rollout's model inputs: each prompt repeated G times, joined to its completions.
 
-    eos_token_ids / pad_token_id / suppress_token_ids: see pipeline.special_ids."""
-    G = cfg.num_generations
-    scored = sample_and_score(model, processor, studies, labeler, cfg, generator, reward_cache=reward_cache,
-                              eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                              suppress_token_ids=suppress_token_ids)
-    prompts, completions, cmask = scored["prompts"], scored["completions"], scored["completion_mask"]
-    rewards, device, width = scored["rewards"], completions.device, completions.shape[1]
-    if cfg.scale_rewards == "batch" and distributed.world_size() > 1:  # the std of every rank's rewards
-        batch_std = distributed.gather_rows(rewards.to(device)).float().std().cpu()
-        advantages = grpo.group_advantages(rewards, G, scale="none") / (batch_std + 1e-4)  # [N]
-    else:
-        advantages = grpo.group_advantages(rewards, G, scale=cfg.scale_rewards)    # [N]
+    With a frozen vision tower (LoRA on the decoder) each study's views are encoded once here and
+    its G rows share the features, instead of running the tower B*G times in every forward."""
+    G = num_repeats
+    frozen = not any(p.requires_grad for p in model.model.visual.parameters())
+    features = {"image_features": None, "image_tokens_per_row": None}
+    if frozen and prompts.get("pixel_values") is not None:
+        with torch.no_grad():
+            feats = model.image_features(prompts["pixel_values"], prompts["image_grid_thw"])  # [tokens, D]
+        per_prompt = (prompts["input_ids"] == model.cfg.image_token_id).sum(1)                # [B]
+        blocks = feats.split(per_prompt.tolist())
+        features = {"image_features": torch.cat([b for b in blocks for _ in range(G)]),
+                    "image_tokens_per_row": per_prompt.repeat_interleave(G).cpu()}
+    rows = repeat_prompts(prompts, G, pixels=features["image_features"] is None)
+    has_images = rows["image_grid_thw"] is not None
+    return {"input_ids": torch.cat([rows["input_ids"], completions], 1),                    # [N, P+C]
+            "attention_mask": torch.cat([rows["attention_mask"], completion_mask], 1),     # [N, P+C]
+            "completion_mask": completion_mask, "image_grid_thw": rows["image_grid_thw"],
+            "images_per_row": prompts["images_per_prompt"].repeat_interleave(G) if has_images else None,
+            "pixel_values": rows["pixel_values"], **features}
 
-    features = shared_image_features(model, prompts, G)
-    sequences = join_completions(repeat_prompts(prompts, G, pixels=not features), completions, cmask)
-    sequences.update(features, images_per_row=prompts["images_per_prompt"].repeat_interleave(G))
-    micro = micro_batch_size(len(rewards), cfg.grad_accum)
-    old = _logps(model, sequences, width, cfg.temperature, micro) if cfg.num_iterations > 1 else None
-    ref = None
+
+def micro_batches(n: int, grad_accum: int) -> list[slice]:
+    """Rows 0..n-1 in `grad_accum` contiguous micro-batches whose sizes differ by at most one.
+    >>> micro_batches(12, 5)  # 5 micro-batches of 2, 2, 3, 2, 3 rows
+    [slice(0, 2), slice(2, 4), slice(4, 7), slice(7, 9), slice(9, 12)]
+    """
+    bounds = [n * i // grad_accum for i in range(grad_accum + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def rollout_logps(model, rollout: Rollout, parts: list[slice], temperature: float) -> torch.Tensor:
+    """log pi(o_t) of every completion token under `model`, without grad -> [N, C]."""
+    width = rollout.completion_mask.shape[1]
+    with torch.no_grad():
+        return torch.cat([model.token_logps(**rollout.rows(r.start, r.stop), logits_to_keep=width,
+                                            temperature=temperature) for r in parts])
+
+
+def _rows(t: torch.Tensor | None, rows: slice):
+    return None if t is None else t[rows]
+
+
+# ----------------------------------------------------------------------------- one GRPO step
+
+def grpo_step(model, processor, studies: list[Study], labeler, optimizer, scheduler, cfg: GRPOConfig,
+              generator: torch.Generator | None, *, ref_model=None, reward_cache: dict | None = None,
+              eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()) -> tuple[dict, Rollout]:
+    """One GRPO step on B studies, the README's step diagram line for line -> (stats, rollout).
+
+    stats: the step's metrics under TRL's names (reward, kl, clip_ratio/*, loss, ...), floats.
+    Several ranks (torchrun): each rank passes its own studies; the lines marked `ranks:` make
+    the update equal to one process's update on the whole batch (see distributed.py).
+    """
+    G, special = cfg.num_generations, dict(eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+    device = next(model.parameters()).device
+    model.eval()  # no dropout while sampling and while computing the old / reference log-probs
+
+    # ---- 1. prompts: system turn, the study's views, the instruction; left padded     [B, P]
+    prompts = encode_prompts(processor, studies, device)
+
+    # ---- 2. rollout: G samples per study (KV cache; the prompt is encoded once)      [B*G, C]
+    completions, cmask, truncated = sample_completions(model, prompts, cfg, generator, **special,
+                                                       suppress_token_ids=suppress_token_ids)
+
+    # ---- 3. reward: decode, extract <report>, label, R = 0.75 MCCS + 0.25 format     [B*G]
+    texts = decode_completions(processor, completions, cmask, pad_token_id)
+    rewards, parts, details = score_completions(texts, studies, labeler, cfg, reward_cache)
+
+    # ---- 4. group-relative advantages A_i = (R_i - mean_g R) / (std_g R + eps)        [B*G]
+    batch_std = None
+    if cfg.scale_rewards == "batch":  # ranks: the std of every rank's rewards
+        batch_std = float(distributed.gather_rows(rewards.to(device)).float().std())
+    advantages = grpo.group_advantages(rewards, G, scale=cfg.scale_rewards, batch_std=batch_std)
+    rollout = Rollout(**update_inputs(model, prompts, completions, cmask, G), texts=texts,
+                      truncated=truncated, rewards=rewards, reward_parts=parts,
+                      advantages=advantages.to(device), **details)
+
+    # ---- 5. old log-probs (mu > 1) and the reference's (beta != 0: adapters off)     [B*G, C]
+    parts_of_batch = micro_batches(len(rewards), cfg.grad_accum)
+    if cfg.num_iterations > 1:
+        rollout.old_logps = rollout_logps(model, rollout, parts_of_batch, cfg.temperature)
     if cfg.beta != 0:
         with lora.reference_policy(model, ref_model) as ref_net:
-            ref = _logps(ref_net, sequences, width, cfg.temperature, micro)
-    return Rollout(sequences, cmask, advantages.to(device), rewards, scored["reward_parts"], old, ref,
-                   scored["texts"], scored["truncated"])
+            rollout.ref_logps = rollout_logps(ref_net, rollout, parts_of_batch, cfg.temperature)
 
-
-# ----------------------------------------------------------------------------- update
-
-def grpo_update(model, rollout: Rollout, optimizer, scheduler, cfg: GRPOConfig) -> dict:
-    """num_iterations optimizer steps on one rollout, each over grad_accum micro-batches.
-
-    The micro-batch losses use the whole batch's normaliser and are summed, so the gradient is
-    the full-batch gradient whatever grad_accum is (see grpo.loss_normalizer).
-    """
-    mask = rollout.completion_mask.float()
+    # ---- 6. mu updates: loss over micro-batches, backward; ranks: sum gradients; clip; AdamW
+    mask = rollout.completion_mask.float()                                          # [B*G, C]
     if cfg.mask_truncated:
-        mask = grpo.mask_truncated(mask, rollout.truncated)
-    n, width = mask.shape
-    # several ranks: the whole (global) batch's normaliser, and the gradients summed over ranks
-    normalizer = distributed.global_loss_normalizer(mask, cfg.loss_type,
-                                                    cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else None)
-    micro = micro_batch_size(n, cfg.grad_accum)
+        mask = grpo.mask_truncated(mask, truncated.to(device))
+    # ranks: the whole batch's normaliser, so the micro-batch (and rank) losses sum to its loss
+    normalizer = distributed.sum_across_ranks(grpo.loss_normalizer(mask, cfg.loss_type, cfg.max_new_tokens))
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     history = []
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        totals, loss_sum = {}, 0.0
-        for s in range(0, n, micro):
-            rows = slice(s, s + micro)
-            logps = model.token_logps(**select_rows(rollout.sequences, s, s + micro), logits_to_keep=width,
-                                      temperature=cfg.temperature)                  # [n_mb, C]
+        update = {"loss": 0.0}
+        for rows in parts_of_batch:
+            logps = model.token_logps(**rollout.rows(rows.start, rows.stop), logits_to_keep=mask.shape[1],
+                                      temperature=cfg.temperature)                  # [n, C], with grad
             loss, stats = grpo.policy_loss(
-                logps, None if rollout.old_logps is None else rollout.old_logps[rows],
-                None if rollout.ref_logps is None else rollout.ref_logps[rows],
+                logps, _rows(rollout.old_logps, rows), _rows(rollout.ref_logps, rows),
                 rollout.advantages[rows], mask[rows], eps_low=cfg.epsilon, eps_high=cfg.epsilon_high,
-                beta=cfg.beta, loss_type=cfg.loss_type,
-                max_len=cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else None, normalizer=normalizer)
+                beta=cfg.beta, loss_type=cfg.loss_type, max_len=cfg.max_new_tokens, normalizer=normalizer)
             loss.backward()
-            loss_sum += float(loss.detach())
-            weight = float(mask[rows].sum()) / max(float(mask.sum()), 1.0)  # token-weighted stats
+            update["loss"] += float(loss.detach())
+            share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0)  # token-weighted mean
             for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v * weight
-        params = [p for p in model.parameters() if p.requires_grad]
-        distributed.sum_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                update[k] = update.get(k, 0.0) + v * share
+        distributed.sum_gradients(params)                                           # ranks
+        update["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
-        history.append({"loss": distributed.sum_across_ranks(loss_sum), "grad_norm": float(grad_norm), **totals})
-    return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+        update["loss"] = distributed.sum_across_ranks(update["loss"])               # ranks
+        history.append(update)
+    means = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+    return {**rollout_stats(rollout, G), **means}, rollout
 
 
-def rollout_stats(rollout: Rollout, cfg: GRPOConfig) -> dict:
-    """Per-step metrics under TRL's names."""
-    G = cfg.num_generations
-    grouped = rollout.rewards.view(-1, G)
-    lengths = rollout.completion_mask.sum(1).float()
+def rollout_stats(rollout: Rollout, group_size: int) -> dict:
+    """What the rollout looked like, under TRL's metric names."""
+    grouped = rollout.rewards.view(-1, group_size)                                  # [B, G]
     stats = {"reward": float(rollout.rewards.mean()),
-             "reward_std": float(grouped.std(1).mean()) if G > 1 else 0.0,
-             "frac_reward_zero_std": float((grouped.std(1) == 0).float().mean()) if G > 1 else 1.0,
-             "completions/mean_length": float(lengths.mean()),
+             "reward_std": float(grouped.std(1).mean()),
+             "frac_reward_zero_std": float((grouped.std(1) == 0).float().mean()),
+             "completions/mean_length": float(rollout.completion_mask.sum(1).float().mean()),
              "completions/clipped_ratio": float(rollout.truncated.float().mean())}
     for name, values in rollout.reward_parts.items():
         stats[f"rewards/{name}/mean"] = float(values.mean())
@@ -314,7 +358,8 @@ def sft_step(model, processor, studies: list[Study], optimizer, scheduler, *, eo
     seqs = join_completions(prompts, ids, mask)
     logps = model.token_logps(seqs["input_ids"], seqs["attention_mask"], seqs.get("pixel_values"),
                               seqs.get("image_grid_thw"), logits_to_keep=ids.shape[1])  # [B, C]
-    loss = -(logps * mask).sum() / distributed.global_token_count(mask)  # several ranks: all their tokens
+    tokens = distributed.sum_across_ranks(float(mask.sum()))  # ranks: every rank's target tokens
+    loss = -(logps * mask).sum() / tokens
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -346,17 +391,22 @@ def generate_reports(model, processor, studies: list[Study], *, batch_size: int 
 
 
 def sampled_rewards(model, processor, studies: list[Study], labeler, cfg: GRPOConfig,
-                    generator: torch.Generator | None, *, batch_size: int = 8, **special) -> dict:
-    """The rewards of G sampled completions per study, drawn and scored as a rollout draws and
+                    generator: torch.Generator | None, *, batch_size: int = 8, eos_token_ids=(),
+                    pad_token_id: int = 0, suppress_token_ids=()) -> dict:
+    """The rewards of G sampled completions per study, drawn and scored as grpo_step draws and
     scores them, without any update: GRPO's own objective, measured on held-out studies.
 
-    special: eos_token_ids / pad_token_id / suppress_token_ids (pipeline.special_ids).
     Returns {"reward": [len(studies) * G], cfg.reward_kind: [...], "format": [...]}."""
+    device = next(model.parameters()).device
     parts = []
     for s in range(0, len(studies), batch_size):
-        scored = sample_and_score(model, processor, studies[s:s + batch_size], labeler, cfg, generator,
-                                  **special)
-        parts.append({"reward": scored["rewards"], **scored["reward_parts"]})
+        batch = studies[s:s + batch_size]
+        prompts = encode_prompts(processor, batch, device)
+        completions, cmask, _ = sample_completions(model, prompts, cfg, generator, eos_token_ids=eos_token_ids,
+                                                   pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids)
+        texts = decode_completions(processor, completions, cmask, pad_token_id)
+        rewards, reward_parts, _ = score_completions(texts, batch, labeler, cfg)
+        parts.append({"reward": rewards, **reward_parts})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 

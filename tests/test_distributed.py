@@ -4,7 +4,6 @@ whole batch, only rank 0 writes, and a rank that fails stops every rank instead 
 Each test starts two fresh processes (spawn) that talk over 127.0.0.1 and waits at most
 TIMEOUT_S for them: a hang fails the test instead of blocking the suite.
 """
-import dataclasses
 import datetime
 import json
 import os
@@ -101,36 +100,38 @@ def trainable(model) -> dict:
 
 # ----------------------------------------------------------------------------- one update, fixed rollouts
 
-def rows_of(rollout: trainer.Rollout, start: int, stop: int) -> trainer.Rollout:
-    """Rows [start, stop) of a rollout, cut to their own longest completion: what a rank that
-    sampled only these rows would hold."""
-    cmask = rollout.completion_mask[start:stop]                                   # [n, C]
-    width, full = int(cmask.sum(1).max()), cmask.shape[1]
-    seqs = trainer.select_rows(rollout.sequences, start, stop)
-    keep = seqs["input_ids"].shape[1] - full + width                              # P + width
-    seqs.update(input_ids=seqs["input_ids"][:, :keep], attention_mask=seqs["attention_mask"][:, :keep],
-                images_per_row=rollout.sequences["images_per_row"][start:stop])
-    if "image_tokens_per_row" in rollout.sequences:  # image features computed once per study
-        seqs["image_tokens_per_row"] = rollout.sequences["image_tokens_per_row"][start:stop]
+def fixed_sampler(completions, completion_mask, truncated):
+    """A stand-in for trainer.sample_completions that returns these rows, cut to their own longest
+    completion: what a rank that sampled only these rows would hold."""
+    width = int(completion_mask.sum(1).max())
 
-    def cut(t):
-        return None if t is None else t[start:stop, :width]
-    return dataclasses.replace(
-        rollout, sequences=seqs, completion_mask=cmask[:, :width], advantages=rollout.advantages[start:stop],
-        rewards=rollout.rewards[start:stop], reward_parts={k: v[start:stop] for k, v in rollout.reward_parts.items()},
-        old_logps=cut(rollout.old_logps), ref_logps=cut(rollout.ref_logps), texts=rollout.texts[start:stop],
-        truncated=rollout.truncated[start:stop])
+    def sample(*args, **kwargs):
+        return completions[:, :width], completion_mask[:, :width], truncated
+    return sample
 
 
-def one_update(model, start: dict, rollout, loss_type: str) -> dict:
-    """One plain-SGD step (no clipping) from `start`: unlike Adam's first step (about lr * sign(g)),
-    its result is proportional to the gradient, so a wrong normaliser shows."""
+def fixed_rewards(completions, ids, *args, **kwargs):
+    """Rewards that depend only on (study, member): the same on a rank as in the single process."""
+    values = [sum(map(ord, i)) % 7 / 7 + 0.3 * (j % 2) for j, i in enumerate(ids)]
+    return torch.tensor(values), {}
+
+
+def one_step(model, start: dict, processor, studies, sampled, loss_type: str) -> dict:
+    """One GRPO step on given completions with plain SGD (no clipping) from `start`: unlike Adam's
+    first step (about lr * sign(g)), its result is proportional to the gradient, so a wrong
+    normaliser shows."""
     model.load_state_dict(start, strict=False)
     cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=8, beta=0.04, loss_type=loss_type,
                              max_grad_norm=1e9, grad_accum=2 if loss_type == "bnpo" else 1)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    stats = trainer.grpo_update(model, rollout, optimizer, scheduler, cfg)
+    real_sampler, real_rewards = trainer.sample_completions, trainer.compute_rewards
+    trainer.sample_completions, trainer.compute_rewards = fixed_sampler(*sampled), fixed_rewards
+    try:
+        stats, _ = trainer.grpo_step(model, processor, studies, labels.RuleLabeler(), optimizer, scheduler,
+                                     cfg, None, **pipeline.special_ids(processor))
+    finally:
+        trainer.sample_completions, trainer.compute_rewards = real_sampler, real_rewards
     out = {f"{loss_type}/{k}": v for k, v in trainable(model).items()}
     out[f"{loss_type}/loss"] = torch.tensor([stats["loss"]])
     out[f"{loss_type}/grad_norm"] = torch.tensor([stats["grad_norm"]])
@@ -147,28 +148,23 @@ def one_sft_step(model, start: dict, processor, studies) -> dict:
     return {**{f"sft/{k}": v for k, v in trainable(model).items()}, "sft/loss": torch.tensor([loss])}
 
 
-def fixed_rewards(completions, ids, *args, **kwargs):
-    """Rewards that depend only on (study, member): the same on a rank as in the single process."""
-    values = [sum(map(ord, i)) % 7 / 7 + 0.3 * (j % 2) for j, i in enumerate(ids)]
-    return torch.tensor(values), {}
-
-
-def _update_my_rows(rank, folder, start, rollout, studies, out_dir):
+def _update_my_rows(rank, folder, start, sampled, studies, out_dir):
     distributed.init("cpu")
     assert distributed.world_size() == 2 and dist.get_backend() == "gloo"
     model, processor = pipeline.load_policy(folder)
     lora.apply_lora(model, rank=4, alpha=8, dropout=0.0)
-    n = rollout.advantages.numel() // 2
-    mine = rows_of(rollout, rank * n, (rank + 1) * n)
+    mine = [t[2 * rank:2 * rank + 2] for t in sampled]  # this rank's study: rows 2r, 2r+1
     results = {}
     for loss_type in LOSS_TYPES:
-        results.update(one_update(model, start, mine, loss_type))
+        results.update(one_step(model, start, processor, distributed.shard(studies), mine, loss_type))
     results.update(one_sft_step(model, start, processor, distributed.shard(studies)))
     # --scale-rewards batch: the std of every rank's rewards, not of this rank's
     trainer.compute_rewards = fixed_rewards
     cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=4, beta=0.0, scale_rewards="batch")
-    local = trainer.collect_rollout(model, processor, distributed.shard(studies), labels.RuleLabeler(), cfg,
-                                    torch.Generator().manual_seed(rank), **pipeline.special_ids(processor))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    _, local = trainer.grpo_step(model, processor, distributed.shard(studies), labels.RuleLabeler(), optimizer,
+                                 scheduler, cfg, torch.Generator().manual_seed(rank), **pipeline.special_ids(processor))
     results["batch_advantages"] = local.advantages
     save_file(results, os.path.join(out_dir, f"rank{rank}.safetensors"))
     distributed.cleanup()
@@ -184,16 +180,16 @@ def test_two_ranks_make_the_single_process_update_and_sft_step(demo_root, tmp_pa
             if ".lora_B." in k:
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
     start = trainable(model)
-    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=8, beta=0.04)
-    rollout = trainer.collect_rollout(model, processor, studies[:2], labels.RuleLabeler(), cfg,
-                                      torch.Generator().manual_seed(0), **pipeline.special_ids(processor))
-    rollout.advantages = torch.tensor([0.9, -0.9, -0.5, 0.5])  # fixed, non-zero: real gradients
+    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=8)
+    prompts = trainer.encode_prompts(processor, studies[:2])
+    sampled = trainer.sample_completions(model, prompts, cfg, torch.Generator().manual_seed(0),
+                                         **pipeline.special_ids(processor))          # [4, C] x 2, [4]
     expected = {}
     for loss_type in LOSS_TYPES:
-        expected.update(one_update(model, start, rollout, loss_type))
+        expected.update(one_step(model, start, processor, studies[:2], sampled, loss_type))
     expected.update(one_sft_step(model, start, processor, studies[:2]))
 
-    codes = run_ranks(tmp_path, _update_my_rows, folder, start, rollout, studies[:2], str(tmp_path))
+    codes = run_ranks(tmp_path, _update_my_rows, folder, start, sampled, studies[:2], str(tmp_path))
     assert codes == [0, 0], errors(tmp_path)
     for rank in (0, 1):
         got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
@@ -227,13 +223,13 @@ def _train(rank, demo_root, out, result_dir):
             raise AssertionError(f"rank {rank} tried to write a checkpoint")
         checkpoint.save_checkpoint = train_grpo.checkpoint.save_checkpoint = refuse
         lora.save_adapter = refuse
-    update = trainer.grpo_update
+    step = trainer.grpo_step
 
-    def update_and_record(model, *args, **kwargs):
-        stats = update(model, *args, **kwargs)
+    def step_and_record(model, *args, **kwargs):
+        out = step(model, *args, **kwargs)
         save_file(trainable(model), os.path.join(result_dir, f"weights{rank}.safetensors"))
-        return stats
-    trainer.grpo_update = update_and_record
+        return out
+    trainer.grpo_step = step_and_record
     train_grpo.main(run_args(demo_root, out, "--steps", "1"))
     distributed.cleanup()
 

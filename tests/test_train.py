@@ -58,10 +58,9 @@ def test_two_grpo_steps_change_only_the_adapter_weights(demo_root, tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     generator = torch.Generator().manual_seed(0)
     for step in range(2):
-        rollout = trainer.collect_rollout(model, processor, studies[2 * step:2 * step + 2], labels.RuleLabeler(),
-                                          cfg, generator, **pipeline.special_ids(processor))
+        _, rollout = trainer.grpo_step(model, processor, studies[2 * step:2 * step + 2], labels.RuleLabeler(),
+                                       optimizer, scheduler, cfg, generator, **pipeline.special_ids(processor))
         assert rollout.advantages.abs().sum() > 0
-        trainer.grpo_update(model, rollout, optimizer, scheduler, cfg)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "two steps with non-zero advantages must move the adapters"
@@ -174,26 +173,59 @@ def test_missing_chexbert_weights_name_the_download_command(demo_root, tmp_path)
 def test_rollout_reuses_each_prompts_image_features_for_its_g_rows(demo_root, tmp_path):
     """With LoRA the vision tower is frozen: the rollout encodes each study's two views once, and
     scoring the B*G rows from those features equals scoring them from their own pixels."""
-    from mrgr1 import labels, lora, pipeline, trainer
+    from mrgr1 import lora, pipeline, trainer
 
     studies = data.load_split("demo", demo_root, "train")[:2]
     folder = pipeline.tiny_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
     model, processor = pipeline.load_policy(folder)
-    lora.apply_lora(model, rank=4, alpha=8)
-    cfg = trainer.GRPOConfig(num_generations=3, max_new_tokens=6, beta=0.0)
-    rollout = trainer.collect_rollout(model, processor, studies, labels.RuleLabeler(), cfg,
-                                      torch.Generator().manual_seed(0), **pipeline.special_ids(processor))
-    seqs = rollout.sequences
-    assert seqs["pixel_values"] is None and seqs["image_features"] is not None
     prompts = trainer.encode_prompts(processor, studies)
-    pixels = {**seqs, **trainer.repeat_prompts(prompts, 3), "image_features": None}
-    pixels["input_ids"], pixels["attention_mask"] = seqs["input_ids"], seqs["attention_mask"]
-    width = rollout.completion_mask.shape[1]
+    completions = torch.randint(0, 50, (6, 4))
+    cmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]] * 2)             # [B*G, C]
+    from_pixels = trainer.update_inputs(model, prompts, completions, cmask, 3)          # tower trains
+    lora.apply_lora(model, rank=4, alpha=8)
+    from_features = trainer.update_inputs(model, prompts, completions, cmask, 3)       # tower frozen
+    assert from_features["pixel_values"] is None and from_features["image_features"] is not None
+    assert from_pixels["image_features"] is None and from_pixels["pixel_values"] is not None
+
+    def rollout(inputs):
+        return trainer.Rollout(**inputs, texts=[""] * 6, truncated=torch.zeros(6, dtype=torch.bool),
+                               rewards=torch.zeros(6), reward_parts={}, advantages=torch.zeros(6))
+    a, b = rollout(from_features), rollout(from_pixels)
     with torch.no_grad():
         for start, stop in ((0, 6), (1, 4)):  # whole batch, and a micro-batch cutting across studies
-            from_features = model.token_logps(**trainer.select_rows(seqs, start, stop), logits_to_keep=width)
-            from_pixels = model.token_logps(**trainer.select_rows(pixels, start, stop), logits_to_keep=width)
-            assert torch.allclose(from_features, from_pixels, atol=1e-5)
+            assert torch.allclose(model.token_logps(**a.rows(start, stop), logits_to_keep=4),
+                                  model.token_logps(**b.rows(start, stop), logits_to_keep=4), atol=1e-5)
+
+
+def test_grad_accum_k_makes_k_micro_batches_of_nearly_equal_size():
+    from mrgr1 import trainer
+
+    parts = trainer.micro_batches(12, 5)
+    assert [p.stop - p.start for p in parts] == [2, 2, 3, 2, 3]
+    assert parts[0].start == 0 and parts[-1].stop == 12
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    assert len(trainer.micro_batches(3, 8)) == 3  # never an empty micro-batch
+
+
+def test_the_rollout_records_the_labels_and_ccs_its_rewards_came_from(demo_root, tmp_path):
+    """What a viewer shows of a step is what the step trained on: the rollout keeps each
+    completion's labels, its reference's labels and its CCS, and MCCS follows from that CCS."""
+    from mrgr1 import labels, lora, pipeline, rewards, trainer
+
+    studies = data.load_split("demo", demo_root, "train")[:2]
+    model, processor = pipeline.load_policy(pipeline.tiny_policy_folder(str(tmp_path / "init"),
+                                                                         [s.report for s in studies]))
+    lora.apply_lora(model, rank=4, alpha=8)
+    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=6, beta=0.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    labeler = labels.RuleLabeler()
+    _, rollout = trainer.grpo_step(model, processor, studies, labeler, optimizer, scheduler, cfg,
+                                   torch.Generator().manual_seed(0), **pipeline.special_ids(processor))
+    assert torch.equal(rollout.ref_labels, labeler.label([s.report for s in studies for _ in range(2)]))
+    assert torch.equal(rollout.labels, labeler.label([rewards.extract_report(t) for t in rollout.texts]))
+    shaped = ((rollout.ccs - cfg.mccs_margin) / (1 - cfg.mccs_margin)).clamp_min(0)
+    assert torch.allclose(rollout.reward_parts["mccs"], shaped)
 
 
 def test_sampled_rewards_are_the_rewards_a_rollout_gives_the_same_draws(demo_root, tmp_path):
@@ -206,8 +238,10 @@ def test_sampled_rewards_are_the_rewards_a_rollout_gives_the_same_draws(demo_roo
                                                                          [s.report for s in studies]))
     cfg = trainer.GRPOConfig(num_generations=3, max_new_tokens=6, beta=0.0)
     special = pipeline.special_ids(processor)
-    rollout = trainer.collect_rollout(model, processor, studies, labels.RuleLabeler(), cfg,
-                                      torch.Generator().manual_seed(5), **special)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    _, rollout = trainer.grpo_step(model, processor, studies, labels.RuleLabeler(), optimizer, scheduler,
+                                   cfg, torch.Generator().manual_seed(5), **special)
     sampled = trainer.sampled_rewards(model, processor, studies, labels.RuleLabeler(), cfg,
                                       torch.Generator().manual_seed(5), batch_size=2, **special)
     assert sorted(sampled) == ["format", "mccs", "reward"]
