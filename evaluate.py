@@ -209,8 +209,8 @@ def lazy_labeler(args, device):
 
 def check_policy(args) -> None:
     """Fail before any work when the policy or adapter cannot be found."""
-    if args.policy == "tiny":
-        raise EvalError("--policy tiny is an untrained random model; evaluate a trained folder "
+    if args.policy == "demo":
+        raise EvalError("--policy demo is an untrained random model; evaluate a trained folder "
                         "(python train_grpo.py --dataset demo writes runs/demo/sft) or a preset")
     weights.resolve_policy(args.policy, args.weights_dir)  # raises with the download command
     if args.adapter and not os.path.isdir(args.adapter):

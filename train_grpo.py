@@ -9,7 +9,7 @@ One step, top to bottom (see mrgr1/trainer.py for each piece):
     B studies -> G completions each (KV-cache sampler) -> reward 0.75 MCCS + 0.25 format
     -> group-relative advantages -> clipped policy-gradient loss + beta * KL to the reference
     (the same network with its LoRA adapters off) -> AdamW.
-The demo first warm-starts the untrained tiny model with teacher-forced SFT (`--sft-steps`), then
+The demo first warm-starts the untrained demo model with teacher-forced SFT (`--sft-steps`), then
 prints the clinical efficacy (CE-F1) on the demo test split before and after GRPO.
 """
 from __future__ import annotations
@@ -30,9 +30,9 @@ from tqdm import tqdm
 from mrgr1 import checkpoint, data, distributed, lora, pipeline, trainer
 from mrgr1.metrics import format_table
 
-# Defaults that differ between the demo (tiny model, CPU, minutes) and a real run. None of the real
+# Defaults that differ between the demo (demo model, CPU, minutes) and a real run. None of the real
 # values below is published by the paper except the reward weights; they are ours (see README).
-DEMO = dict(policy="tiny", labeler="rules", num_generations=8, max_new_tokens=72, temperature=1.0,
+DEMO = dict(policy="demo", labeler="rules", num_generations=8, max_new_tokens=72, temperature=1.0,
             lr=2e-3, beta=0.0, batch_size=8, steps=40, lora_rank=16, lora_alpha=32,
             sft_steps=1000, sft_lr=3e-3, sft_batch_size=16, save_every=20, eval_limit=100, eval_samples=8)
 REAL = dict(policy="huatuogpt-vision-7b", labeler="chexbert", num_generations=8, max_new_tokens=256,
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--dataset", default="demo", choices=data.DATASETS)
     a("--data-root", default=None, help="default data/<dataset>")
     a("--all-images", action="store_true", help="MIMIC-CXR: every image of a study, not the first")
-    a("--policy", default=None, help="tiny | a preset in weights_manifest.json | an HF model folder")
+    a("--policy", default=None, help="demo (the untrained demo model, preset 'demo') | a preset in weights_manifest.json | an HF model folder")
     a("--weights-dir", default="weights")
     a("--labeler", default=None, choices=("chexbert", "rules"), help="reward/eval labeler")
     a("--chexbert-weights", default=None, help="chexbert.pth or .safetensors (default: weights/chexbert)")
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--steps", type=int, default=None, help="GRPO steps (overrides --epochs)")
     a("--epochs", type=float, default=None, help="passes over the training split")
-    a("--lora-rank", type=int, default=None, help="0 = full fine-tuning (tiny model only)")
+    a("--lora-rank", type=int, default=None, help="0 = full fine-tuning (demo model only)")
     a("--lora-alpha", type=float, default=None)
     a("--lora-dropout", type=float, default=0.0)
     a("--sft-steps", type=int, default=None, help="teacher-forced warm-start steps before GRPO")
@@ -134,7 +134,7 @@ def make_optimizer(model, lr, weight_decay, total_steps, warmup_ratio):
 # ----------------------------------------------------------------------------- phases
 
 def prepare_policy(args, train_studies, device):
-    """The policy GRPO starts from: a pretrained one, or (demo) the tiny model after SFT.
+    """The policy GRPO starts from: a pretrained one, or (demo) the demo model after SFT.
 
     The SFT result is saved as an HF folder (<output_dir>/sft) and becomes the base: GRPO's
     reference policy is that SFT model, and a resumed run reloads it instead of training again."""
@@ -142,10 +142,10 @@ def prepare_policy(args, train_studies, device):
     if args.sft_steps > 0 and os.path.isfile(os.path.join(sft_dir, "config.json")):
         return pipeline.load_policy(sft_dir, dtype=args.dtype, device=device)
     start = args.policy
-    if args.policy == "tiny":
+    if args.policy == "demo":
         with distributed.rank0_first():  # rank 0 writes the folder, the other ranks then read it
             if not os.path.isfile(os.path.join(init_dir, "model.safetensors")):  # written last
-                pipeline.tiny_policy_folder(init_dir, [s.report for s in train_studies], seed=args.seed)
+                pipeline.demo_policy_folder(init_dir, [s.report for s in train_studies], seed=args.seed)
         start = init_dir
     model, processor = pipeline.load_policy(start, weights_dir=args.weights_dir, dtype=args.dtype, device=device)
     if args.sft_steps > 0:
@@ -160,9 +160,9 @@ def prepare_policy(args, train_studies, device):
 
 def run_sft(args, model, processor, studies):
     """Teacher-forced MLE on the reference reports in the target format (full fine-tuning for
-    the tiny model, LoRA merged back into the weights for a pretrained one). Several ranks: each
+    the demo model, LoRA merged back into the weights for a pretrained one). Several ranks: each
     takes its slice of every batch and the gradients are summed, as in GRPO."""
-    use_lora = args.policy != "tiny"
+    use_lora = args.policy != "demo"
     if use_lora:
         lora.apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
         distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
@@ -245,7 +245,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_studies)} training "
                          f"studies of {args.dataset}; choose at most {len(train_studies)}")
     labeler = pipeline.build_labeler(args.labeler, args.chexbert_weights, args.weights_dir, device)
-    if args.policy != "tiny":
+    if args.policy != "demo":
         pipeline.weights.resolve_policy(args.policy, args.weights_dir)
 
     model, processor = prepare_policy(args, train_studies, device)
@@ -327,7 +327,7 @@ def main(argv=None) -> dict:
         signal.signal(signal.SIGINT, previous_handler)
 
     if lora.lora_layers(model) and distributed.is_main():
-        base = args.policy if args.policy != "tiny" else os.path.join(args.output_dir, "sft" if args.sft_steps else "init")
+        base = args.policy if args.policy != "demo" else os.path.join(args.output_dir, "sft" if args.sft_steps else "init")
         lora.save_adapter(model, os.path.join(args.output_dir, "final"), base_model_name_or_path=base)
     if args.eval_limit:
         results["after"] = evaluate(args, model, processor, labeler, test_studies, cfg, "after GRPO")

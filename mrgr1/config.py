@@ -14,9 +14,11 @@ Presets (values and where each came from):
   - "qwen2.5-vl-3b": from a public copy of the hub config.json of
     Qwen/Qwen2.5-VL-3B-Instruct (hidden 2048, 36 layers, 16 heads, 2 KV heads, MLP 11008,
     vocab 151936, tied embeddings, vision out 2048); not checked against the hub itself.
-  - "tiny": ours, for the demo and tests: Qwen's vocabulary size and special-token ids, so it
-    runs with the real Qwen tokenizer; with the demo tokenizer pass
-    `preset("tiny", **processor.model_overrides())`.
+  - "tiny": ours, for tests and benchmarks (2 layers, hidden 64): Qwen's vocabulary size and
+    special-token ids, so it runs with the real Qwen tokenizer.
+  - "demo": ours, the demo's policy (`--policy demo`): "tiny" widened to 4 layers, hidden 128,
+    so that SFT + GRPO learn the drawn findings within minutes on a CPU; with the demo
+    tokenizer pass `preset("demo", **processor.model_overrides())`.
 `from_pretrained` always reads the checkpoint's own config.json; presets serve
 random-init runs and documentation.
 
@@ -198,8 +200,16 @@ _TINY = ModelConfig(
     tie_word_embeddings=True,
 )
 
+_DEMO = dataclasses.replace(
+    _TINY,
+    vision=dataclasses.replace(_TINY.vision, out_hidden_size=128),
+    text=dataclasses.replace(_TINY.text, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6)),
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny": _TINY,
+    "demo": _DEMO,
     "qwen2.5-vl-3b": _3B,
     "qwen2.5-vl-7b": _7B,
     "huatuogpt-vision-7b": _7B,

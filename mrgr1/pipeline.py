@@ -3,8 +3,8 @@
 Everything here fails early and says what to do: a real data set that is not on disk, CheXbert
 weights that are missing, a policy preset whose weights are not downloaded. The demo needs none of
 that: its data is drawn (mrgr1.synthetic), its labeler is the rule-based one (exact on its
-templated reports), and its policy is the `tiny` Qwen2.5-VL with a BPE tokenizer trained on the
-demo reports.
+templated reports), and its policy is the `demo` preset of Qwen2.5-VL (4 layers, hidden 128) with
+a BPE tokenizer trained on the demo reports.
 
 Example:
     studies = load_studies("demo", None, "train")
@@ -52,23 +52,19 @@ def build_labeler(kind: str, chexbert_weights: str | None = None, weights_dir: s
     return CheXbert.from_pretrained(weights_path, vocab_path, device=device)
 
 
-# The demo's policy: the `tiny` preset, a little wider so that SFT + GRPO learn the drawn findings
-# within minutes on a CPU (ours).
-DEMO_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, mrope_section=(4, 6, 6), vision_out_hidden_size=128)
 DEMO_VOCAB = 1024  # BPE vocabulary trained on the demo reports (ours): short sequences, fast steps
 DEMO_PIXELS = 84 * 84  # the demo's 112 px views are resized to 84 px: 6x6 patches, 9 tokens (ours)
 
 
-def tiny_policy_folder(folder: str, train_reports: list[str], seed: int = 0, vocab_size: int = DEMO_VOCAB) -> str:
-    """Write an untrained `tiny` Qwen2.5-VL with a demo tokenizer to `folder` (HF layout)."""
+def demo_policy_folder(folder: str, train_reports: list[str], seed: int = 0, vocab_size: int = DEMO_VOCAB) -> str:
+    """Write the untrained demo policy (preset "demo") with a demo tokenizer to `folder` (HF layout)."""
     os.makedirs(folder, exist_ok=True)
     # the fixed prompt texts are repeated so that BPE merges them into few tokens: shorter prompts
     texts = train_reports + [SYSTEM_PROMPT, INSTRUCTION, SFT_THINK] * 50
     tokenizer = train_demo_tokenizer(texts, vocab_size=vocab_size).tokenizer
     processor = Processor(tokenizer, min_pixels=DEMO_PIXELS, max_pixels=DEMO_PIXELS)
     processor.save_pretrained(folder)
-    cfg = preset("tiny", **processor.model_overrides(), **DEMO_MODEL)
+    cfg = preset("demo", **processor.model_overrides())
     Qwen2_5_VL.from_config(cfg, seed=seed).save_pretrained(folder)
     return folder
 

@@ -292,14 +292,14 @@ def _entry(name, manifest):
 # ----------------------------------------------------------------------------- for training and evaluation
 
 def resolve_policy(name_or_path, weights_dir="weights", *, manifest=None):
-    """Folder of a policy checkpoint, or None for "tiny".
+    """Folder of a policy checkpoint, or None for "demo".
 
-    "tiny" is the random-init test preset (mrgr1.config): nothing to load, the caller builds it
+    "demo" is the demo's untrained policy (mrgr1.config preset "demo"): nothing to load, the caller builds it
     from its config. A manifest name of kind "policy" returns weights_dir/name if complete
     (sizes checked, not hashes; `verify` hashes), else raises WeightsError with the download
     command. Anything else must be an existing folder, returned as is.
     """
-    if name_or_path == "tiny":
+    if name_or_path == "demo":
         return None
     entries = load_manifest(manifest)
     policies = [n for n, e in entries.items() if e.get("kind") == "policy"]
@@ -307,7 +307,7 @@ def resolve_policy(name_or_path, weights_dir="weights", *, manifest=None):
         if os.path.isdir(name_or_path):
             return name_or_path
         raise WeightsError(f"policy {name_or_path!r} is neither an existing folder nor a preset "
-                           f"(tiny, {', '.join(policies)})")
+                           f"(demo, {', '.join(policies)})")
     folder = os.path.join(weights_dir, name_or_path)
     missing = missing_files(entries[name_or_path], folder)
     if missing:

@@ -172,7 +172,7 @@ def _update_my_rows(rank, folder, start, sampled, studies, out_dir):
 
 def test_two_ranks_make_the_single_process_update_and_sft_step(demo_root, tmp_path):
     studies = data.load_split("demo", demo_root, "train")
-    folder = pipeline.tiny_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
+    folder = pipeline.demo_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
     model, processor = pipeline.load_policy(folder)
     lora.apply_lora(model, rank=4, alpha=8, dropout=0.0)
     with torch.no_grad():  # lora_B starts at 0, which would leave lora_A's gradient 0

@@ -26,7 +26,7 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data_root = synthetic.generate(str(root / "demo"), n_train=6, n_val=0, n_test=N_TEST, image_size=56)
     reports = [s.report for s in pipeline.load_studies("demo", data_root, "train")]
-    return data_root, pipeline.tiny_policy_folder(str(root / "policy"), reports)
+    return data_root, pipeline.demo_policy_folder(str(root / "policy"), reports)
 
 
 def _model_args(demo, out, *extra):

@@ -49,7 +49,7 @@ def test_two_grpo_steps_change_only_the_adapter_weights(demo_root, tmp_path):
     from mrgr1 import labels, lora, pipeline, trainer
 
     studies = data.load_split("demo", demo_root, "train")
-    folder = pipeline.tiny_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
+    folder = pipeline.demo_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
     model, processor = pipeline.load_policy(folder)
     lora.apply_lora(model, rank=4, alpha=8)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -176,7 +176,7 @@ def test_rollout_reuses_each_prompts_image_features_for_its_g_rows(demo_root, tm
     from mrgr1 import lora, pipeline, trainer
 
     studies = data.load_split("demo", demo_root, "train")[:2]
-    folder = pipeline.tiny_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
+    folder = pipeline.demo_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
     model, processor = pipeline.load_policy(folder)
     prompts = trainer.encode_prompts(processor, studies)
     completions = torch.randint(0, 50, (6, 4))
@@ -213,7 +213,7 @@ def test_the_rollout_records_the_labels_and_ccs_its_rewards_came_from(demo_root,
     from mrgr1 import labels, lora, pipeline, rewards, trainer
 
     studies = data.load_split("demo", demo_root, "train")[:2]
-    model, processor = pipeline.load_policy(pipeline.tiny_policy_folder(str(tmp_path / "init"),
+    model, processor = pipeline.load_policy(pipeline.demo_policy_folder(str(tmp_path / "init"),
                                                                          [s.report for s in studies]))
     lora.apply_lora(model, rank=4, alpha=8)
     cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=6, beta=0.0)
@@ -234,7 +234,7 @@ def test_sampled_rewards_are_the_rewards_a_rollout_gives_the_same_draws(demo_roo
     from mrgr1 import labels, pipeline, trainer
 
     studies = data.load_split("demo", demo_root, "test")[:2]
-    model, processor = pipeline.load_policy(pipeline.tiny_policy_folder(str(tmp_path / "init"),
+    model, processor = pipeline.load_policy(pipeline.demo_policy_folder(str(tmp_path / "init"),
                                                                          [s.report for s in studies]))
     cfg = trainer.GRPOConfig(num_generations=3, max_new_tokens=6, beta=0.0)
     special = pipeline.special_ids(processor)

@@ -300,7 +300,7 @@ def test_resolve_policy_errors_carry_the_download_command(tmp_path):
     assert f"python -m mrgr1.weights download huatuogpt-vision-7b --dir {tmp_path / 'w'}" in str(err.value)
     with pytest.raises(WeightsError, match="neither an existing folder nor a preset"):
         weights.resolve_policy("chexbert", str(tmp_path))
-    assert weights.resolve_policy("tiny") is None
+    assert weights.resolve_policy("demo") is None
     assert weights.resolve_policy(str(tmp_path)) == str(tmp_path)
 
 
