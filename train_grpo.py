@@ -33,10 +33,10 @@ from mrgr1.metrics import format_table
 # Defaults that differ between the demo (demo model, CPU, minutes) and a real run. None of the real
 # values below is published by the paper except the reward weights; they are ours (see README).
 DEMO = dict(policy="demo", labeler="rules", num_generations=8, max_new_tokens=72, temperature=1.0,
-            lr=2e-3, beta=0.0, batch_size=8, steps=40, lora_rank=16, lora_alpha=32,
+            lr=2e-3, beta=0.04, num_iterations=2, batch_size=8, steps=40, lora_rank=16, lora_alpha=32,
             sft_steps=1000, sft_lr=3e-3, sft_batch_size=16, save_every=20, eval_limit=100, eval_samples=8)
 REAL = dict(policy="huatuogpt-vision-7b", labeler="chexbert", num_generations=8, max_new_tokens=256,
-            temperature=1.0, lr=1e-5, beta=0.04, batch_size=4, steps=1000, lora_rank=64,
+            temperature=1.0, lr=1e-5, beta=0.04, num_iterations=1, batch_size=4, steps=1000, lora_rank=64,
             lora_alpha=128, sft_steps=0, sft_lr=1e-5, sft_batch_size=4, save_every=100, eval_limit=200,
             eval_samples=0)
 
@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--loss-type", default="grpo", choices=("grpo", "bnpo", "dapo", "dr_grpo"))
     a("--scale-rewards", default="group", choices=("group", "batch", "none"))
     a("--mask-truncated", action="store_true", help="drop completions without EOS from the loss")
-    a("--num-iterations", type=int, default=1, help="updates per batch of rollouts (mu)")
+    a("--num-iterations", type=int, default=None, help="updates per batch of rollouts (mu; demo 2, "
+      "so that the ratio moves and clipping acts; real data 1)")
     a("--batch-size", type=int, default=None, help="studies per step (B); rollouts per step = B*G")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--steps", type=int, default=None, help="GRPO steps (overrides --epochs)")
@@ -314,6 +315,8 @@ def main(argv=None) -> dict:
             shown = {"reward": f"{stats['reward']:.3f}", "len": f"{stats['completions/mean_length']:.0f}"}
             shown.update({name: f"{stats[key]:.{digits}f}" for name, key, digits in (
                 (args.reward, f"rewards/{args.reward}/mean", 3), ("kl", "kl", 4)) if key in stats})
+            if args.num_iterations > 1:  # on-policy (mu = 1) the ratio is 1 and nothing is clipped
+                shown["clip"] = f"{stats['clip_ratio/region_mean']:.3f}"
             bar.set_postfix(shown)  # kl only with a KL term (beta != 0), as in TRL's logs
             if args.sample_every and (step + 1) % args.sample_every == 0 and distributed.is_main():
                 tqdm.write(f"[step {step + 1}] reward {rollout.rewards[0]:.3f}: {rollout.texts[0][:300]}")

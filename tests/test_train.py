@@ -68,6 +68,20 @@ def test_two_grpo_steps_change_only_the_adapter_weights(demo_root, tmp_path):
     assert any(".lora_B." in k for k in changed)
 
 
+def test_the_demo_defaults_exercise_the_kl_term_and_the_clipped_ratio(demo_root, tmp_path):
+    """The demo trains with beta > 0 and two updates per batch, so the logged KL is positive and
+    the ratio moves away from 1 in the second update (on-policy it would be exactly 1)."""
+    argv = ["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(tmp_path), "--sft-steps", "0",
+            "--num-generations", "2", "--batch-size", "2", "--max-new-tokens", "8", "--eval-limit", "0",
+            "--sample-every", "0", "--lora-rank", "4", "--lr", "1e-2", "--steps", "1"]
+    args = train_grpo.parse_args(argv)
+    assert args.beta > 0 and args.num_iterations > 1
+    train_grpo.main(argv)
+    row = metrics(tmp_path)[0]
+    assert row["kl"] > 0, "the second update moved the policy away from the reference"
+    assert row["ratio_mean"] != 1.0 and "clip_ratio/region_mean" in row
+
+
 def test_checkpoints_hold_only_the_adapter_in_peft_layout(demo_root, tmp_path):
     run(demo_root, tmp_path, "--steps", "1")
     ckpt = checkpoint.find_latest(str(tmp_path))
