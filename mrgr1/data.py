@@ -12,7 +12,7 @@ MIMIC-CXR entries also carry "subject_id" and "study_id"; they go into Study.met
 
 Example:
     studies = load_split("demo", None, "train")          # data/demo
-    images = load_images(studies[0])                      # [frontal, lateral] RGB PIL images
+    images = load_images(studies[0])                      # [frontal, lateral] PIL images
     for batch in batch_indices(len(studies), 8, seed=0, epoch=0): ...
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 DATASETS = ("iu_xray", "mimic_cxr", "demo")
 SPLITS = ("train", "val", "test")
@@ -163,12 +163,14 @@ def _check_images(studies: list[Study], ann_path: str, skip_missing: bool) -> li
 
 
 def load_images(study: Study) -> list[Image.Image]:
-    """The study's images as RGB PIL images (grayscale X-rays are replicated to 3 channels)."""
+    """The study's images as PIL images, turned upright by their EXIF orientation (as transformers'
+    load_image) and in their own mode: the processor converts them to RGB as transformers does
+    (transparency on white; processing.to_rgb)."""
     images = []
     for path in study.image_paths:
         try:
             with Image.open(path) as im:
-                images.append(im.convert("RGB"))
+                images.append(ImageOps.exif_transpose(im))  # a loaded copy, valid after the file closes
         except (OSError, SyntaxError) as e:  # PIL raises these for missing, truncated or non-image files
             raise DataError(f"cannot read image {path} of study {study.id}: {e}") from e
     return images

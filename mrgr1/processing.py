@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -69,11 +70,19 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = DE
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Grayscale (8- or 16-bit) and RGBA images -> RGB. 16-bit values are scaled to 8 bits."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    """Any PIL mode -> RGB, as transformers' `convert_to_rgb` (so a model sees here what it sees there).
+
+    Transparency (an alpha band, or a palette / `transparency` entry) is composited on white.
+    Every other mode goes through PIL's convert, which CLIPS 16- and 32-bit grey values at 255:
+    a 16-bit X-ray whose values go above 255 turns mostly white, in transformers as here. Such
+    images are to be rescaled to 8 bits before (a warning says so)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    if image.mode.startswith("I") and image.getextrema()[1] > 255:
+        warnings.warn(f"a {image.mode} (16/32-bit) image with values up to {image.getextrema()[1]}: values "
+                      f"above 255 become white, as in transformers; rescale such images to 8 bits first",
+                      stacklevel=2)
     return image.convert("RGB")
 
 
@@ -94,6 +103,23 @@ def image_patches(image: Image.Image, *, min_pixels=DEFAULT_MIN_PIXELS, max_pixe
 
 
 # ---------------------------------------------------------------- chat template
+
+# The Qwen2.5-VL chat template as published with the model (chat_template.json); `chat_prompt`
+# writes what it renders (tests/test_processing.py checks that against transformers). A checkpoint
+# whose template differs gets a note before training (pipeline.folder_notes): mrgr1 uses this one.
+QWEN25_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
 
 def chat_prompt(messages: list[dict], add_generation_prompt: bool = True,
                 system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
@@ -129,6 +155,35 @@ def message_images(messages: list[dict]) -> list:
             for item in msg["content"] if isinstance(item, dict) and isinstance(item.get("image"), Image.Image)]
 
 
+# ---------------------------------------------------------------- preprocessor file
+
+# transformers' Qwen2-VL image processor defaults, for a preprocessor file that names no pixel range
+HF_DEFAULT_MIN_PIXELS = 56 * 56
+HF_DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+
+
+def read_preprocessor_config(file: str) -> dict:
+    """Processor keyword arguments from a Qwen2-VL `preprocessor_config.json`, with transformers'
+    precedence for the pixel range: its `size` dict ({"shortest_edge", "longest_edge"} in pixels)
+    replaces the class default, then top-level `min_pixels` / `max_pixels` override `size`.
+
+    Real Qwen2.5-VL file: min_pixels 3136, max_pixels 12845056 (up to 16,384 tokens per image);
+    `load_policy` replaces that range by the run's own (see mrgr1/pipeline.py)."""
+    with open(file, encoding="utf-8") as f:
+        p = json.load(f)
+    size = dict(p["size"]) if isinstance(p.get("size"), dict) else {}
+    lo = p.get("min_pixels", size.get("shortest_edge", HF_DEFAULT_MIN_PIXELS if not size else None))
+    hi = p.get("max_pixels", size.get("longest_edge", HF_DEFAULT_MAX_PIXELS if not size else None))
+    if lo is None or hi is None:
+        raise ValueError(f"{file}: 'size' must hold both 'shortest_edge' and 'longest_edge' (pixels), "
+                         f"or give 'min_pixels' and 'max_pixels'; found size={p['size']}")
+    kwargs = {"min_pixels": lo, "max_pixels": hi}
+    for key in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std"):
+        if p.get(key) is not None:
+            kwargs[key] = p[key]
+    return kwargs
+
+
 # ---------------------------------------------------------------- processor
 
 class Processor:
@@ -155,25 +210,17 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "Processor":
-        """Read tokenizer.json (required) and preprocessor_config.json (optional) from a folder."""
+        """Read tokenizer.json (required) and preprocessor_config.json (optional) from a folder.
+
+        The preprocessor file is read as transformers reads it (`read_preprocessor_config`);
+        `overrides` (e.g. min_pixels=..., max_pixels=...) win over the file."""
         from tokenizers import Tokenizer
 
         file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} not found: a Qwen2.5-VL model folder has tokenizer.json")
-        kwargs = {}
         pre = os.path.join(path, "preprocessor_config.json")
-        if os.path.isfile(pre):
-            with open(pre) as f:
-                p = json.load(f)
-            size = p.get("size") or {}
-            for ours, theirs in [("min_pixels", size.get("shortest_edge", p.get("min_pixels"))),
-                                 ("max_pixels", size.get("longest_edge", p.get("max_pixels"))),
-                                 ("patch_size", p.get("patch_size")), ("merge_size", p.get("merge_size")),
-                                 ("temporal_patch_size", p.get("temporal_patch_size")),
-                                 ("image_mean", p.get("image_mean")), ("image_std", p.get("image_std"))]:
-                if theirs is not None:
-                    kwargs[ours] = theirs
+        kwargs = read_preprocessor_config(pre) if os.path.isfile(pre) else {}
         kwargs.update(overrides)
         return cls(Tokenizer.from_file(file), **kwargs)
 

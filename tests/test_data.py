@@ -58,12 +58,13 @@ def test_iu_xray_round_trip_keeps_both_views_with_absolute_paths(tmp_path):
     assert load_split("iu_xray", root, "val") == []
 
 
-def test_load_images_gives_rgb_copies_of_grayscale_files(tmp_path):
+def test_load_images_gives_loaded_copies_in_the_files_own_mode(tmp_path):
+    # RGB conversion is the processor's (processing.to_rgb, as transformers' convert_to_rgb)
     root = _iu_folder(tmp_path / "iu")
     images = load_images(load_split("iu_xray", root, "train")[0])
     assert len(images) == 2
-    assert all(im.mode == "RGB" and im.size == (20, 16) for im in images)
-    assert images[0].getpixel((3, 3)) == (100, 100, 100)
+    assert all(im.mode == "L" and im.size == (20, 16) for im in images)
+    assert images[0].getpixel((3, 3)) == 100
 
 
 def test_mimic_uses_first_image_by_default_all_with_flag_and_keeps_ids(tmp_path):

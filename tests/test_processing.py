@@ -1,26 +1,14 @@
-"""Processor against transformers (image processor, tokenizer, full Qwen2.5-VL processor) and the
-real Qwen tokenizer.json."""
+"""Processor against transformers (image processor, preprocessor files, image modes, tokenizer, full
+Qwen2.5-VL processor) and the real Qwen tokenizer.json."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mrgr1.processing import Processor, image_patches, smart_resize, train_demo_tokenizer
-
-# The Qwen2.5-VL chat template as published in the model's chat_template.json: the oracle for ours.
-QWEN25VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
-    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
-)
-
+from mrgr1.processing import (QWEN25_VL_CHAT_TEMPLATE as QWEN25VL_TEMPLATE, Processor, image_patches,
+                              read_preprocessor_config, smart_resize, to_rgb, train_demo_tokenizer)
 
 def random_image(h, w, mode="RGB", seed=0):
     rng = np.random.default_rng(seed)
@@ -151,3 +139,75 @@ def test_tiny_model_folder_runs_from_pretrained(tmp_path):
         logits = model(**batch)
     assert logits.shape == (2, batch["input_ids"].shape[1], proc.tokenizer.get_vocab_size())
     assert torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------- preprocessor files and image modes
+# Qwen2.5-VL's published preprocessor range: min_pixels 3136, max_pixels 12845056.
+@pytest.mark.parametrize("fields", [
+    {"min_pixels": 3136, "max_pixels": 12845056},
+    {"min_pixels": 3136, "max_pixels": 12845056, "size": {"shortest_edge": 56 * 56, "longest_edge": 200704}},
+    {"max_pixels": 12845056, "size": {"shortest_edge": 28 * 28, "longest_edge": 200704}},
+    {"size": {"shortest_edge": 3136, "longest_edge": 12845056}},
+    {},
+], ids=["min-max", "min-max-over-size", "max-over-size", "size-only", "neither"])
+def test_preprocessor_pixel_range_follows_transformers_precedence(tmp_path, fields):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    with open(tmp_path / "preprocessor_config.json", "w") as f:
+        json.dump({"image_processor_type": "Qwen2VLImageProcessor", **fields}, f)
+    hf = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path)).size
+    ours = read_preprocessor_config(str(tmp_path / "preprocessor_config.json"))
+    assert (ours["min_pixels"], ours["max_pixels"]) == (hf.shortest_edge, hf.longest_edge)
+
+
+def test_preprocessor_size_without_both_edges_is_a_clear_error(tmp_path):
+    with open(tmp_path / "preprocessor_config.json", "w") as f:
+        json.dump({"size": {"shortest_edge": 3136}}, f)
+    with pytest.raises(ValueError, match="preprocessor_config.json: 'size' must hold both"):
+        read_preprocessor_config(str(tmp_path / "preprocessor_config.json"))
+
+
+def _transparent_images():
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 256, (45, 61, 4), dtype=np.uint8), mode="RGBA")
+    la = Image.fromarray(rng.integers(0, 256, (40, 33, 2), dtype=np.uint8), mode="LA")
+    palette = Image.fromarray(rng.integers(0, 4, (50, 50), dtype=np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10, 90, 90, 90])
+    palette.info["transparency"] = 2  # palette index 2 is see-through
+    return {"RGBA": rgba, "LA": la, "P+transparency": palette}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P+transparency"])
+def test_transparency_is_composited_on_white_as_transformers(mode):
+    image = _transparent_images()[mode]
+    ref = hf_image_processor(56 * 56, 150 * 150)(images=[image], return_tensors="np")
+    patches, _ = image_patches(image, min_pixels=56 * 56, max_pixels=150 * 150)
+    assert np.abs(patches - ref["pixel_values"]).max() <= 1e-5
+    assert to_rgb(Image.new("RGBA", (4, 4), (10, 20, 30, 0))).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_16_bit_grayscale_is_converted_as_transformers_with_a_warning():
+    values = np.random.default_rng(4).integers(0, 65536, (70, 90), dtype=np.uint16)
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    ref = hf_image_processor(56 * 56, 150 * 150)(images=[image], return_tensors="np")
+    with pytest.warns(UserWarning, match="values above 255 become white"):
+        patches, _ = image_patches(image, min_pixels=56 * 56, max_pixels=150 * 150)
+    assert np.abs(patches - ref["pixel_values"]).max() <= 1e-5
+
+
+def test_a_loaded_rgba_file_with_exif_rotation_reaches_the_model_as_in_transformers(tmp_path):
+    from PIL import ImageOps
+
+    from mrgr1.data import Study, load_images
+
+    image = _transparent_images()["RGBA"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "view.png", exif=exif)
+    ours, = load_images(Study(id="s", report="r", image_paths=[str(tmp_path / "view.png")], split="test"))
+    with Image.open(tmp_path / "view.png") as f:
+        upright = ImageOps.exif_transpose(f)  # transformers' load_image turns images upright like this
+    assert ours.size == (45, 61)
+    ref = hf_image_processor(56 * 56, 150 * 150)(images=[upright], return_tensors="np")
+    assert np.abs(image_patches(ours, min_pixels=56 * 56, max_pixels=150 * 150)[0] - ref["pixel_values"]).max() <= 1e-5
