@@ -6,19 +6,26 @@ that: its data is drawn (mrgr1.synthetic), its labeler is the rule-based one (ex
 templated reports), and its policy is the `demo` preset of Qwen2.5-VL (4 layers, hidden 128) with
 a BPE tokenizer trained on the demo reports.
 
+A real checkpoint folder is read for its weights and tokenizer only: the image resolution is the
+run's (`load_policy`'s min_pixels / max_pixels, default at most 448x448 px per view), prompts use
+the built-in Qwen2.5-VL chat template, and sampling the run's flags; a file of the folder that
+asks for something else is named before any work (`folder_notes`).
+
 Example:
     studies = load_studies("demo", None, "train")
     labeler = build_labeler("rules")
-    model, processor = load_policy("runs/demo/sft")     # an HF-format folder
+    model, processor = load_policy("runs/demo/sft", max_pixels=84 * 84)     # an HF-format folder
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from . import data, labels, synthetic, weights
-from .processing import Processor, train_demo_tokenizer
+from .processing import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, QWEN25_VL_CHAT_TEMPLATE, Processor,
+                         train_demo_tokenizer)
 from .trainer import INSTRUCTION, SFT_THINK, SYSTEM_PROMPT
 from .vlm import Qwen2_5_VL
 from .config import preset
@@ -70,11 +77,61 @@ def demo_policy_folder(folder: str, train_reports: list[str], seed: int = 0, voc
 
 
 def load_policy(name_or_path: str, *, weights_dir: str = "weights", dtype: str = "float32",
-                device=None):
-    """A preset name from weights_manifest.json or an HF-format folder -> (model, processor)."""
+                device=None, min_pixels: int | None = None, max_pixels: int | None = None):
+    """A preset name from weights_manifest.json or an HF-format folder -> (model, processor).
+
+    The image resolution is the run's, whatever the folder's preprocessor_config.json says (Qwen's
+    own file allows up to 12.8 M pixels, ~16k tokens, per image): min_pixels / max_pixels when
+    given, else processing.DEFAULT_MIN_PIXELS / DEFAULT_MAX_PIXELS (at most 448x448 px per view).
+    Files of the folder that mrgr1 does not follow (another chat template, generation settings the
+    sampler does not apply) are named, one line each, before any work (`folder_notes`)."""
     folder = weights.resolve_policy(name_or_path, weights_dir)
+    for note in folder_notes(folder):
+        print(note)
     model = Qwen2_5_VL.from_pretrained(folder, dtype=DTYPES[dtype], device=device)
-    return model, Processor.from_pretrained(folder)
+    pixels = {"min_pixels": DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels,
+              "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels}
+    return model, Processor.from_pretrained(folder, **pixels)
+
+
+# generation_config.json keys whose value asks the sampler for something it does not do, with the
+# value that asks for nothing. Sampling itself (temperature, top_p, top_k) comes from the flags.
+NEUTRAL_GENERATION = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                      "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                      "num_beam_groups": 1, "diversity_penalty": 0.0, "min_length": 0, "min_new_tokens": None,
+                      "typical_p": 1.0, "min_p": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                      "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                      "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+                      "exponential_decay_length_penalty": None, "guidance_scale": None, "penalty_alpha": None}
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")
+
+
+def folder_notes(folder: str) -> list[str]:
+    """One line per file of a model folder that mrgr1 reads differently from transformers:
+    a chat template other than the built-in Qwen2.5-VL one, and generation settings the sampler
+    does not apply."""
+    notes = []
+    for name in ("chat_template.json", "chat_template.jinja"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            template = json.loads(text).get("chat_template") if name.endswith(".json") else text
+            if (template or "").strip() != QWEN25_VL_CHAT_TEMPLATE:
+                notes.append(f"note: {path} holds another chat template than Qwen2.5-VL's; mrgr1 writes "
+                             f"prompts with the built-in Qwen2.5-VL template (processing.chat_prompt), not this file")
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            gen = json.load(f)
+        unsupported = [f"{k}={gen[k]}" for k, neutral in NEUTRAL_GENERATION.items()
+                       if gen.get(k) not in (neutral, None, [], {})]
+        ignored = [f"{k}={gen[k]}" for k in SAMPLING_KEYS if k in gen]
+        if unsupported:
+            notes.append(f"note: {path} asks for {', '.join(unsupported)}, which mrgr1's sampler does not do "
+                         f"(plain temperature / top-p sampling); its {', '.join(ignored) or 'sampling settings'} "
+                         f"are not used either: --temperature and --top-p decide")
+    return notes
 
 
 def special_ids(processor) -> dict:
