@@ -8,12 +8,22 @@ A checkpoint is a folder `<output_dir>/checkpoint-<step>/` holding
     train_config.json   the flags of the run, for a human and for the resume check
 It is first written as `.checkpoint-<step>.tmp/` and then renamed, and `<output_dir>/latest`
 (written the same way) names the newest complete one: a crash while saving leaves the previous
-checkpoint and the `latest` pointer intact.
+checkpoint and the `latest` pointer intact. Every file is fsync'ed before the rename and the
+parent folder after it (`durable_rename`), so that after a power cut too `latest` never names a
+checkpoint whose files the disk has not kept.
+
+On resume, `config_differences` lists the flags that change the run (batch size, G, seed, lr,
+loss type, LoRA shape, data set, ...) and differ from the checkpoint's train_config.json; where
+it runs, how often it saves or reports, and what it evaluates do not count (`NOT_RUN_KEYS`).
+`drop_metrics_after` cuts the rows a crashed run logged after its last checkpoint.
 
 Example:
     save_checkpoint("runs/x", step=10, model=model, optimizer=opt, scheduler=sched,
                     trainer_state={"epoch": 0, "batch": 10, "rng": rng_states(gen)}, config=vars(args))
-    ckpt = find_latest("runs/x"); state = load_checkpoint(ckpt, model, opt, sched)
+    ckpt = find_latest("runs/x")
+    check_config(ckpt, vars(args))          # CheckpointError listing every difference
+    state = load_checkpoint(ckpt, model, opt, sched)
+    drop_metrics_after("runs/x/metrics.jsonl", state["step"])
 """
 import json
 import os
@@ -60,6 +70,29 @@ def _write_weights(model: torch.nn.Module, folder: str) -> None:
                   os.path.join(folder, MODEL_FILE))
 
 
+def _fsync(path: str) -> None:
+    """Ask the disk to keep a file's data, or a folder's list of names."""
+    if os.name == "nt" and os.path.isdir(path):
+        return  # Windows cannot open a folder for fsync; NTFS journals the rename itself
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_rename(tmp: str, final: str) -> None:
+    """Give a finished folder its final name so that a power cut leaves the old state or the whole
+    new folder: each file fsync'ed, then the folder itself, the rename, then the parent folder
+    (which holds the new name)."""
+    for root, _, files in os.walk(tmp):
+        for name in sorted(files):
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+    os.replace(tmp, final)
+    _fsync(os.path.dirname(os.path.abspath(final)))
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -67,6 +100,7 @@ def _atomic_write_text(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def save_checkpoint(output_dir: str, *, step: int, model, optimizer, scheduler,
@@ -84,7 +118,7 @@ def save_checkpoint(output_dir: str, *, step: int, model, optimizer, scheduler,
         json.dump(config, f, indent=2, default=str)
     if os.path.exists(final):  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    durable_rename(tmp, final)
     _atomic_write_text(os.path.join(output_dir, LATEST_FILE), name + "\n")
     return final
 
@@ -131,3 +165,59 @@ def load_checkpoint(folder: str, model, optimizer=None, scheduler=None) -> dict:
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+# ----------------------------------------------------------------------------- resume checks
+
+# Flags that do not change what a run computes: where it runs, how often it saves or reports, what
+# it evaluates before/after, memory savers. Every other flag stored in train_config.json must match.
+NOT_RUN_KEYS = frozenset({"resume", "overwrite", "output_dir", "weights_dir", "device", "threads",
+                          "save_every", "sample_every", "grad_checkpointing"})
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+    """'--flag: <checkpoint's value> in the checkpoint, <value> now' for each flag that changes the
+    run and differs. Flags the checkpoint does not record (added to mrgr1 later) are not compared;
+    NOT_RUN_KEYS and --eval-* never are."""
+    current = json.loads(json.dumps(current, default=str))  # the form train_config.json stores
+    return [f"{_flag(k)}: {stored[k]!r} in the checkpoint, {current[k]!r} now" for k in sorted(current)
+            if k in stored and k not in NOT_RUN_KEYS and not k.startswith("eval_") and stored[k] != current[k]]
+
+
+def check_config(folder: str, current: dict) -> None:
+    """Refuse to resume `folder` with flags that change the run; the error lists each difference."""
+    path = os.path.join(folder, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}); resume from a complete checkpoint") from e
+    differences = config_differences(stored, current)
+    if differences:
+        raise CheckpointError(f"--resume: {folder} was trained with other settings ({'; '.join(differences)}); "
+                              f"resume with the checkpoint's values, or start a new run in another --output-dir")
+
+
+def drop_metrics_after(path: str, step: int) -> int:
+    """Cut the rows of a metrics .jsonl past `step` (logged after the checkpoint a run resumes
+    from, and logged again by the resumed run), and a last line cut short by a crash; returns how
+    many rows were dropped. The file is rewritten atomically."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the partial last line of a killed run
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        _atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
