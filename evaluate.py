@@ -17,7 +17,12 @@ Outputs in --output-dir:
                         mrgr1.labels.CONDITIONS order (0 blank, 1 positive, 2 negative, 3 uncertain).
                         Written batch by batch: a rerun with the same flags continues where an
                         interrupted one stopped.
-    eval_config.json    the flags that decide the predictions (a resume must match them).
+    eval_config.json    the flags that decide the predictions (a resume must match them), the
+                        image resolution (min_pixels, max_pixels) included.
+
+Image resolution: --min-pixels / --max-pixels, else the values the training run of --adapter or
+--policy used (its train_config.json), else the default (at most 448x448 px per view; 84x84 for
+the demo), never the range in the checkpoint's preprocessor_config.json (docs/real-data.md).
     metrics.json        the scores (the dict main() returns).
 
 --predictions FILE scores a file in the format above without a model. Only "id", "reference" and
@@ -36,7 +41,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from mrgr1 import checkpoint, data, distributed, lora, pipeline, trainer, vlm, weights
+from mrgr1 import checkpoint, data, distributed, lora, pipeline, processing, trainer, vlm, weights
 from mrgr1.labels import CONDITIONS
 from mrgr1.metrics import ce_scores, format_table, nlg_scores
 from mrgr1.rewards import extract_report, format_reward
@@ -46,7 +51,8 @@ CONFIG_FILE = "eval_config.json"
 METRICS_FILE = "metrics.json"
 # Flags whose change makes earlier predictions of an output folder invalid for a resumed run.
 RUN_KEYS = ("policy", "adapter", "dataset", "data_root", "split", "all_images", "labeler",
-            "chexbert_weights", "max_new_tokens", "temperature", "top_p", "seed", "dtype")
+            "chexbert_weights", "max_new_tokens", "temperature", "top_p", "seed", "dtype",
+            "min_pixels", "max_pixels")
 # Defaults that differ between the demo and real data (ours, as in train_grpo.py).
 DEMO = dict(policy="runs/demo/sft", labeler="rules", max_new_tokens=64)
 REAL = dict(policy="huatuogpt-vision-7b", labeler="chexbert", max_new_tokens=256)
@@ -79,6 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0")
     a("--seed", type=int, default=0, help="sampling seed (unused when greedy; a resumed sampled "
                                          "run draws other samples than an uninterrupted one)")
+    a("--max-pixels", type=int, default=None, help="most pixels per view after resizing; overrides the "
+      "checkpoint's preprocessor_config.json. Default: what training used (train_config.json in the "
+      f"--adapter or --policy folder), else {processing.DEFAULT_MAX_PIXELS} = 448x448 "
+      f"({pipeline.DEMO_PIXELS} = 84x84 for the demo)")
+    a("--min-pixels", type=int, default=None, help="fewest pixels per view after resizing; default as "
+      f"--max-pixels, else {processing.DEFAULT_MIN_PIXELS} = 56x56 ({pipeline.DEMO_PIXELS} for the demo)")
     a("--dtype", default="float32", choices=tuple(pipeline.DTYPES))
     a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     a("--output-dir", default=None, help="default runs/<dataset>/eval-<split>; with --predictions, "
@@ -137,8 +149,12 @@ def read_predictions(path: str, *, drop_partial_tail: bool = False) -> list[dict
         with open(path, "r+b") as f:
             f.truncate(keep)
         raw = raw[:keep]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path}: not UTF-8 text (byte {e.start}); a predictions file is JSON lines") from e
     records, line_of = [], {}
-    for n, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {n}"
@@ -207,6 +223,59 @@ def lazy_labeler(args, device):
 
 # ----------------------------------------------------------------------------- the model
 
+def check_flags(args) -> None:
+    """Flag values that cannot work, refused before any work, all at once."""
+    problems = [f"{flag} {value} ({need})" for flag, value, bad, need in [
+        ("--batch-size", args.batch_size, args.batch_size < 1, "at least 1"),
+        ("--limit", args.limit, args.limit is not None and args.limit < 1, "at least 1, or leave it out"),
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens < 1, "at least 1"),
+        ("--temperature", args.temperature, args.temperature < 0, "0 for greedy, or above"),
+        ("--top-p", args.top_p, not 0 < args.top_p <= 1, "in (0, 1]"),
+        ("--min-pixels", args.min_pixels, args.min_pixels is not None and args.min_pixels < 1, "at least 1"),
+        ("--max-pixels", args.max_pixels, args.max_pixels is not None and args.max_pixels < 1, "at least 1"),
+    ] if bad]
+    if problems:
+        raise EvalError("invalid " + "; ".join(problems))
+
+
+def training_config(args) -> tuple[str, dict] | None:
+    """(path, flags) of the train_config.json that train_grpo.py wrote beside the --adapter or the
+    --policy folder (a checkpoint, final/ or sft/), or None (a preset, another tool's folder)."""
+    for folder in (args.adapter, args.policy):
+        path = os.path.join(folder, checkpoint.CONFIG_FILE) if folder else ""
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return path, json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise EvalError(f"{path}: not valid JSON ({e}); fix or delete it, or give "
+                                f"--min-pixels and --max-pixels") from e
+    return None
+
+
+def image_resolution(args) -> str:
+    """Fill in args.min_pixels / max_pixels: the flags, else the values training used, else the
+    default (the demo's 84x84, else at most 448x448); returns where they came from."""
+    found = training_config(args)
+    recorded = found[1] if found else {}
+    default = ((pipeline.DEMO_PIXELS, pipeline.DEMO_PIXELS) if args.dataset == "demo"
+               else (processing.DEFAULT_MIN_PIXELS, processing.DEFAULT_MAX_PIXELS))
+    sources = set()
+    for key, fallback in zip(("min_pixels", "max_pixels"), default):
+        if getattr(args, key) is not None:
+            sources.add("--" + key.replace("_", "-"))
+        elif recorded.get(key) is not None:
+            setattr(args, key, int(recorded[key]))
+            sources.add(found[0])
+        else:
+            setattr(args, key, fallback)
+            sources.add("the default")
+    if args.min_pixels > args.max_pixels:
+        raise EvalError(f"image resolution: min_pixels {args.min_pixels} > max_pixels {args.max_pixels} "
+                        f"(from {', '.join(sorted(sources))}); give --min-pixels and --max-pixels")
+    return ", ".join(sorted(sources))
+
+
 def check_policy(args) -> None:
     """Fail before any work when the policy or adapter cannot be found."""
     if args.policy == "demo":
@@ -241,8 +310,12 @@ def load_adapter(model, folder: str, device) -> str:
 
 
 def build_model(args, device):
-    model, processor = pipeline.load_policy(args.policy, weights_dir=args.weights_dir, dtype=args.dtype,
-                                            device=device)
+    try:
+        model, processor = pipeline.load_policy(args.policy, weights_dir=args.weights_dir, dtype=args.dtype,
+                                                device=device, min_pixels=args.min_pixels,
+                                                max_pixels=args.max_pixels)
+    except (ValueError, KeyError) as e:  # a folder that is not a Qwen2.5-VL model (config, keys, files)
+        raise EvalError(f"cannot load --policy {args.policy}: {type(e).__name__}: {e}") from e
     if args.adapter:
         print(f"{args.adapter}: {load_adapter(model, args.adapter, device)}")
     return model.eval(), processor
@@ -269,8 +342,12 @@ def resume_state(args, studies: list[data.Study], pred_path: str) -> list[dict]:
                 os.remove(os.path.join(args.output_dir, name))
     done = read_predictions(pred_path, drop_partial_tail=True) if os.path.exists(pred_path) else []
     if done and os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            before = json.load(f)
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                before = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvalError(f"{config_path}: not valid JSON ({e}); use another --output-dir, or "
+                            f"--overwrite to start again") from e
         changed = ", ".join(f"{k}: {before.get(k)!r} then, {config[k]!r} now" for k in RUN_KEYS
                             if before.get(k) != config[k])
         if changed:
@@ -291,6 +368,8 @@ def run_model(args, device) -> list[dict]:
     split = pipeline.load_studies(args.dataset, args.data_root, args.split, all_images=args.all_images)
     studies = split[:args.limit] if args.limit else split
     check_policy(args)
+    where = image_resolution(args)
+    print(f"image resolution: {args.min_pixels} to {args.max_pixels} pixels per view (from {where})")
     # missing CheXbert weights stop the run here, before the model loads
     labeler = pipeline.build_labeler(args.labeler, args.chexbert_weights, args.weights_dir, device)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -347,11 +426,14 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    """Run the evaluation; errors the user can fix exit with code 2 and their message, no traceback."""
+    """Run the evaluation. An error caused by a flag, a file or the data the user gave exits with
+    code 2 and one `error: ...` line (OSError included: a path that cannot be read or written);
+    anything else is a bug and keeps its traceback."""
     args = parse_args(argv)
     try:
+        check_flags(args)
         return evaluate(args)
-    except (EvalError, data.DataError, weights.WeightsError, checkpoint.CheckpointError) as e:
+    except (EvalError, OSError, *pipeline.USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

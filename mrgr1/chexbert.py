@@ -39,6 +39,12 @@ from torch import nn
 
 from mrgr1.labels import CONDITIONS, NO_FINDING
 
+
+class CheXbertFileError(ValueError):
+    """A CheXbert weights file that cannot be used (unreadable, unsafe to unpickle, another model);
+    the message names the file. Callers show it as one line: it is the user's file, not a bug."""
+
+
 MAX_TOKENS = 512  # CheXbert cuts every report to 512 WordPiece ids, [CLS] and [SEP] included
 PAD_ID = 0  # "[PAD]" in bert-base-uncased's vocab.txt; the original pads with 0 too
 CONFIG_METADATA_KEY = "mrgr1_bert_config"  # where convert_to_safetensors stores the config
@@ -209,7 +215,7 @@ def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], source: str) ->
     expected = {_to_theirs(k) for k in module.state_dict()}
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"{source}: the checkpoint does not match the model.\n"
+        raise CheXbertFileError(f"{source}: the checkpoint does not match the model.\n"
                          f"  missing keys ({len(missing)}): {missing[:20]}\n"
                          f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}\n"
                          "Is it a CheXbert / BERT checkpoint, and is the config (layers, heads) right?")
@@ -232,22 +238,22 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
                 metadata = f.metadata() or {}
             return load_file(path), metadata
         except Exception as err:
-            raise ValueError(f"{path}: not a readable safetensors file ({err}). "
+            raise CheXbertFileError(f"{path}: not a readable safetensors file ({err}). "
                              "Re-create it with convert_to_safetensors.") from err
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" in str(err):
-            raise ValueError(f"{path}: not a plain state dict; it holds objects that unpickling would "
+            raise CheXbertFileError(f"{path}: not a plain state dict; it holds objects that unpickling would "
                              "execute, and it must not be unpickled. Use the original chexbert.pth "
                              "or a safetensors copy.") from err
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err}).") from err
+        raise CheXbertFileError(f"{path}: not a readable PyTorch checkpoint ({err}).") from err
     except Exception as err:  # truncated zip, empty file, some other file type
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint; is it truncated or the wrong file? "
+        raise CheXbertFileError(f"{path}: not a readable PyTorch checkpoint; is it truncated or the wrong file? "
                          f"({type(err).__name__}: {str(err)[:200]})") from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model_state_dict"), dict):
         what = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path}: expected CheXbert's checkpoint layout, a dict with 'model_state_dict'; "
+        raise CheXbertFileError(f"{path}: expected CheXbert's checkpoint layout, a dict with 'model_state_dict'; "
                          f"found {what}.")
     # The release was saved from nn.DataParallel: every key starts with "module.".
     sd = {k.removeprefix("module."): v for k, v in checkpoint["model_state_dict"].items()}
@@ -336,7 +342,7 @@ class CheXbert(nn.Module):
             cfg = BertConfig(**json.loads(metadata[CONFIG_METADATA_KEY]))
         else:
             if "bert.embeddings.word_embeddings.weight" not in sd:
-                raise ValueError(f"{weights_path}: no 'bert.embeddings.word_embeddings.weight'; keys start with "
+                raise CheXbertFileError(f"{weights_path}: no 'bert.embeddings.word_embeddings.weight'; keys start with "
                                  f"{sorted(sd)[:5]}. Is this a CheXbert checkpoint?")
             cfg = BertConfig.from_state_dict(_encoder_part(sd), num_heads)
         model = cls(cfg, wordpiece_tokenizer(vocab_path, min(MAX_TOKENS, cfg.max_positions)))

@@ -162,6 +162,9 @@ def _check_images(studies: list[Study], ann_path: str, skip_missing: bool) -> li
     return kept
 
 
+MAX_ASPECT_RATIO = 200  # the longest side over the shortest that Qwen2-VL's smart resize accepts
+
+
 def load_images(study: Study) -> list[Image.Image]:
     """The study's images as PIL images, turned upright by their EXIF orientation (as transformers'
     load_image) and in their own mode: the processor converts them to RGB as transformers does
@@ -173,6 +176,10 @@ def load_images(study: Study) -> list[Image.Image]:
                 images.append(ImageOps.exif_transpose(im))  # a loaded copy, valid after the file closes
         except (OSError, SyntaxError) as e:  # PIL raises these for missing, truncated or non-image files
             raise DataError(f"cannot read image {path} of study {study.id}: {e}") from e
+        w, h = images[-1].size
+        if max(w, h) > MAX_ASPECT_RATIO * min(w, h):  # Qwen2-VL's resize refuses these
+            raise DataError(f"image {path} of study {study.id} is {w}x{h} px: an aspect ratio above "
+                            f"{MAX_ASPECT_RATIO} is not supported; crop it or leave the study out")
     return images
 
 

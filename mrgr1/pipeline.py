@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from . import data, labels, synthetic, weights
+from . import checkpoint, data, labels, synthetic, weights
 from .processing import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, QWEN25_VL_CHAT_TEMPLATE, Processor,
                          train_demo_tokenizer)
 from .trainer import INSTRUCTION, SFT_THINK, SYSTEM_PROMPT
@@ -31,6 +31,9 @@ from .vlm import Qwen2_5_VL
 from .config import preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Errors caused by the data, weights or checkpoints a user supplied: both CLIs print them as one
+# `error: ...` line (their messages say what to do); anything else keeps its traceback.
+USER_ERRORS = (data.DataError, weights.WeightsError, checkpoint.CheckpointError)
 
 
 def load_studies(dataset: str, root: str | None, split: str, **kwargs) -> list[data.Study]:
@@ -53,10 +56,13 @@ def build_labeler(kind: str, chexbert_weights: str | None = None, weights_dir: s
         return labels.RuleLabeler()
     if kind != "chexbert":
         raise ValueError(f"--labeler must be 'chexbert' or 'rules', got {kind!r}")
-    from .chexbert import CheXbert
+    from .chexbert import CheXbert, CheXbertFileError
 
     weights_path, vocab_path = weights.resolve_chexbert(chexbert_weights, weights_dir)
-    return CheXbert.from_pretrained(weights_path, vocab_path, device=device)
+    try:
+        return CheXbert.from_pretrained(weights_path, vocab_path, device=device)
+    except CheXbertFileError as e:  # the user's file (e.g. a pickle that would run code): one line
+        raise weights.WeightsError(f"{e} (--chexbert-weights)") from e
 
 
 DEMO_VOCAB = 1024  # BPE vocabulary trained on the demo reports (ours): short sequences, fast steps

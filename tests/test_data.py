@@ -156,6 +156,14 @@ def test_unreadable_image_names_the_file_and_the_study(tmp_path):
         load_images(study)
 
 
+def test_an_image_too_narrow_for_the_processor_names_the_file_and_the_study(tmp_path):
+    root = _iu_folder(tmp_path)
+    _png(os.path.join(root, "images", "CXR1_IM-0001", "0.png"), size=(402, 2))  # 201:1
+    study = load_split("iu_xray", root, "train")[0]
+    with pytest.raises(DataError, match=r"image .*CXR1_IM-0001/0.png of study CXR1_IM-0001 is 402x2 px"):
+        load_images(study)
+
+
 def test_unknown_dataset_and_split_are_rejected(tmp_path):
     with pytest.raises(DataError, match="unknown dataset 'chexpert'"):
         load_split("chexpert", str(tmp_path), "train")

@@ -5,7 +5,10 @@ CE / NLG numbers are checked against mrgr1.metrics called directly on the same l
 (the metrics themselves are tested against hand-worked values in test_metrics.py).
 """
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -258,3 +261,82 @@ def test_adapter_folder_without_weights_is_a_clean_error(demo, tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     err = _exit_message(capsys, _model_args(demo, tmp_path / "out", "--adapter", str(tmp_path / "empty")))
     assert str(tmp_path / "empty") in err and "adapter_config.json" in err
+
+
+# ----------------------------------------------------------------------------- image resolution
+
+def _recording_load_policy(monkeypatch):
+    """pipeline.load_policy that keeps each processor it returns (their image_kwargs)."""
+    processors, real = [], pipeline.load_policy
+
+    def recording(*a, **kw):
+        model, processor = real(*a, **kw)
+        processors.append(processor)
+        return model, processor
+    monkeypatch.setattr(pipeline, "load_policy", recording)
+    return processors
+
+
+def _pixels(processor):
+    return processor.image_kwargs["min_pixels"], processor.image_kwargs["max_pixels"]
+
+
+def test_resolution_flags_reach_the_processor_and_eval_config(demo, tmp_path, monkeypatch):
+    processors = _recording_load_policy(monkeypatch)
+    evaluate.main(_model_args(demo, tmp_path, "--limit", "1", "--min-pixels", "784", "--max-pixels", "3136"))
+    assert _pixels(processors[0]) == (784, 3136)
+    with open(tmp_path / "eval_config.json") as f:
+        assert {k: v for k, v in json.load(f).items() if k.endswith("_pixels")} == {"min_pixels": 784, "max_pixels": 3136}
+
+
+def test_a_training_runs_adapter_is_evaluated_at_the_resolution_training_used(demo, tmp_path, monkeypatch):
+    _, policy = demo
+    model = Qwen2_5_VL.from_pretrained(policy)
+    lora.apply_lora(model, rank=2, alpha=4.0, dropout=0.0)
+    lora.save_adapter(model, str(tmp_path / "checkpoint-000004"))
+    with open(tmp_path / "checkpoint-000004" / "train_config.json", "w") as f:  # as train_grpo.py writes it
+        json.dump({"dataset": "demo", "min_pixels": 28 * 28, "max_pixels": 56 * 56}, f)
+    processors = _recording_load_policy(monkeypatch)
+    adapter = ["--limit", "1", "--adapter", str(tmp_path / "checkpoint-000004")]
+    evaluate.main(_model_args(demo, tmp_path / "out", *adapter))
+    assert _pixels(processors[0]) == (784, 3136)  # not the policy folder's preprocessor file (7056)
+    evaluate.main(_model_args(demo, tmp_path / "out2", *adapter, "--max-pixels", "7056"))
+    assert _pixels(processors[1]) == (784, 7056)  # a flag wins over the training run's value
+
+
+# ----------------------------------------------------------------------------- one line per user mistake
+
+def test_flag_values_that_cannot_work_are_one_line_naming_each(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_studies", lambda *a, **kw: pytest.fail("data loaded"))
+    err = _exit_message(capsys, ["--batch-size", "0", "--top-p", "1.5", "--max-pixels", "-1",
+                                 "--output-dir", str(tmp_path)])
+    assert err.count("\n") == 1 and err.startswith("error: invalid --batch-size 0")
+    assert "--top-p 1.5" in err and "--max-pixels -1" in err
+
+
+def test_a_chexbert_file_that_would_run_code_is_one_error_line(tmp_path, capsys, minilm_dir):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'code_ran'}",))
+    torch.save({"model_state_dict": {"module.bert.x": RunsCode()}}, tmp_path / "evil.pth")
+    vocab_dir = tmp_path / "w" / "bert-base-uncased-vocab"
+    vocab_dir.mkdir(parents=True)
+    shutil.copy(os.path.join(minilm_dir, "vocab.txt"), vocab_dir / "vocab.txt")
+    _write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "reference": "No effusion.", "report": "Effusion."}])
+    err = _exit_message(capsys, ["--predictions", str(tmp_path / "p.jsonl"), "--labeler", "chexbert",
+                                 "--chexbert-weights", str(tmp_path / "evil.pth"), "--weights-dir", str(tmp_path / "w")])
+    assert err.startswith(f"error: {tmp_path / 'evil.pth'}: not a plain state dict") and err.count("\n") == 1
+    assert not (tmp_path / "code_ran").exists()
+
+
+def test_a_predictions_file_that_is_not_text_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    err = _exit_message(capsys, ["--predictions", str(tmp_path / "p.jsonl")])
+    assert f"{tmp_path / 'p.jsonl'}: not UTF-8 text" in err
+
+
+def test_the_command_line_exits_with_one_error_line(tmp_path):
+    result = subprocess.run([sys.executable, "evaluate.py", "--predictions", str(tmp_path / "none.jsonl")],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 2
+    assert result.stderr == f"error: --predictions {tmp_path / 'none.jsonl'}: no such file\n"
