@@ -27,18 +27,19 @@ import time
 import torch
 from tqdm import tqdm
 
-from mrgr1 import checkpoint, data, distributed, lora, pipeline, trainer
+from mrgr1 import checkpoint, data, distributed, lora, pipeline, processing, trainer
 from mrgr1.metrics import format_table
 
 # Defaults that differ between the demo (demo model, CPU, minutes) and a real run. None of the real
 # values below is published by the paper except the reward weights; they are ours (see README).
 DEMO = dict(policy="demo", labeler="rules", num_generations=8, max_new_tokens=72, temperature=1.0,
             lr=2e-3, beta=0.04, num_iterations=2, batch_size=8, steps=40, lora_rank=16, lora_alpha=32,
-            sft_steps=1000, sft_lr=3e-3, sft_batch_size=16, save_every=20, eval_limit=100, eval_samples=8)
+            sft_steps=1000, sft_lr=3e-3, sft_batch_size=16, save_every=20, eval_limit=100, eval_samples=8,
+            min_pixels=pipeline.DEMO_PIXELS, max_pixels=pipeline.DEMO_PIXELS)
 REAL = dict(policy="huatuogpt-vision-7b", labeler="chexbert", num_generations=8, max_new_tokens=256,
             temperature=1.0, lr=1e-5, beta=0.04, num_iterations=1, batch_size=4, steps=1000, lora_rank=64,
             lora_alpha=128, sft_steps=0, sft_lr=1e-5, sft_batch_size=4, save_every=100, eval_limit=200,
-            eval_samples=0)
+            eval_samples=0, min_pixels=processing.DEFAULT_MIN_PIXELS, max_pixels=processing.DEFAULT_MAX_PIXELS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       "uncertain in the MCCS vectors (paper: 0,1,-1,1)")
     a("--num-generations", type=int, default=None, help="G completions per study")
     a("--max-new-tokens", type=int, default=None)
-    a("--temperature", type=float, default=None)
+    a("--temperature", type=float, default=None, help="sampling temperature T > 0 (log-probs use the same T)")
     a("--top-p", type=float, default=1.0)
     a("--lr", type=float, default=None)
     a("--weight-decay", type=float, default=0.0)
@@ -73,27 +74,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--num-iterations", type=int, default=None, help="updates per batch of rollouts (mu; demo 2, "
       "so that the ratio moves and clipping acts; real data 1)")
     a("--batch-size", type=int, default=None, help="studies per step (B); rollouts per step = B*G")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step: the B*G rollouts of a "
+      "step (per rank) split into exactly this many, sizes differing by at most one")
     a("--steps", type=int, default=None, help="GRPO steps (overrides --epochs)")
     a("--epochs", type=float, default=None, help="passes over the training split")
     a("--lora-rank", type=int, default=None, help="0 = full fine-tuning (demo model only)")
     a("--lora-alpha", type=float, default=None)
-    a("--lora-dropout", type=float, default=0.0)
+    a("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input while training SFT; "
+      "GRPO computes every log-prob without dropout, so that r = 1 before the first update (TRL: "
+      "disable_dropout)")
     a("--sft-steps", type=int, default=None, help="teacher-forced warm-start steps before GRPO")
     a("--sft-lr", type=float, default=None)
     a("--sft-batch-size", type=int, default=None)
     a("--eval-limit", type=int, default=None, help="test studies scored before/after GRPO (0 = skip)")
     a("--eval-samples", type=int, default=None, help="sampled completions per test study whose mean "
       "reward is printed before/after GRPO (0 = skip; default: demo 8, real data 0)")
+    a("--max-pixels", type=int, default=None, help="most pixels per view after resizing (default "
+      f"{processing.DEFAULT_MAX_PIXELS} = 448x448, at most 256 image tokens; demo {pipeline.DEMO_PIXELS} = 84x84); "
+      "overrides the checkpoint's preprocessor_config.json, and is written with the run")
+    a("--min-pixels", type=int, default=None, help=f"fewest pixels per view (default {processing.DEFAULT_MIN_PIXELS} "
+      f"= 56x56; demo {pipeline.DEMO_PIXELS})")
     a("--dtype", default="float32", choices=tuple(pipeline.DTYPES))
     a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    a("--grad-checkpointing", action="store_true")
+    a("--grad-checkpointing", action="store_true", help="recompute activations in backward (SFT and GRPO)")
     a("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
     a("--seed", type=int, default=0)
     a("--output-dir", default=None, help="default runs/<dataset>")
     a("--save-every", type=int, default=None)
     a("--sample-every", type=int, default=10, help="print a sample completion every N steps")
-    a("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir (the "
+      "flags that change the run must be the checkpoint's)")
+    a("--overwrite", action="store_true", help="start afresh in an --output-dir that holds an earlier run "
+      "(its sft/, init/, checkpoints, final/ and metrics are deleted)")
     args = p.parse_args(argv)
     for key, value in (DEMO if args.dataset == "demo" else REAL).items():
         if getattr(args, key) is None:
@@ -101,6 +113,106 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
     return args
+
+
+class UsageError(ValueError):
+    """A flag value that cannot work, or an output folder that holds another run; the message
+    names the flag or folder and what to do. The command line shows it as one `error:` line."""
+
+
+def _floats(text: str, n: int, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise UsageError(f"{flag} {text!r}: expected {n} comma-separated numbers")
+    return values
+
+
+def check_flags(args) -> None:
+    """Every flag value that cannot work, refused at once before any work."""
+    _floats(args.reward_weights, 2, "--reward-weights")
+    _floats(args.mccs_mapping, 4, "--mccs-mapping")
+    checks = [
+        ("--temperature", args.temperature, args.temperature <= 0, "above 0: training samples completions "
+         "and scores them with log-probs at this temperature; greedy decoding (0) has none"),
+        ("--top-p", args.top_p, not 0 < args.top_p <= 1, "in (0, 1]"),
+        ("--num-generations", args.num_generations, args.num_generations < 2,
+         "at least 2: advantages compare the completions of one study"),
+        ("--batch-size", args.batch_size, args.batch_size < 1, "at least 1"),
+        ("--steps", args.steps, args.epochs is None and args.steps < 1, "at least 1"),
+        ("--epochs", args.epochs, args.epochs is not None and args.epochs <= 0, "above 0"),
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens < 1, "at least 1"),
+        ("--lr", args.lr, args.lr <= 0, "above 0"),
+        ("--sft-lr", args.sft_lr, args.sft_steps > 0 and args.sft_lr <= 0, "above 0"),
+        ("--sft-steps", args.sft_steps, args.sft_steps < 0, "0 or more"),
+        ("--sft-batch-size", args.sft_batch_size, args.sft_batch_size < 1, "at least 1"),
+        ("--grad-accum", args.grad_accum, args.grad_accum < 1, "at least 1"),
+        ("--num-iterations", args.num_iterations, args.num_iterations < 1, "at least 1"),
+        ("--beta", args.beta, args.beta < 0, "0 or more"),
+        ("--epsilon", args.epsilon, not 0 <= args.epsilon < 1, "in [0, 1)"),
+        ("--epsilon-high", args.epsilon_high, args.epsilon_high < 0, "0 or more"),
+        ("--warmup-ratio", args.warmup_ratio, not 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
+        ("--lora-rank", args.lora_rank, args.lora_rank < 0, "0 (full fine-tuning) or more"),
+        ("--lora-dropout", args.lora_dropout, not 0 <= args.lora_dropout < 1, "in [0, 1)"),
+        ("--save-every", args.save_every, args.save_every < 1, "at least 1"),
+        ("--eval-limit", args.eval_limit, args.eval_limit < 0, "0 (skip) or more"),
+        ("--eval-samples", args.eval_samples, args.eval_samples < 0, "0 (skip) or more"),
+        ("--threads", args.threads, args.threads is not None and args.threads < 1, "at least 1"),
+        ("--min-pixels", args.min_pixels, args.min_pixels < 1, "at least 1"),
+        ("--max-pixels", args.max_pixels, args.max_pixels < args.min_pixels, f"at least --min-pixels ({args.min_pixels})"),
+    ]
+    problems = [f"{flag} {value} ({need})" for flag, value, bad, need in checks if bad]
+    if args.resume and args.overwrite:
+        problems.append("--resume and --overwrite together (continue the run, or delete it: choose one)")
+    if problems:
+        raise UsageError("invalid " + "; ".join(problems))
+
+
+def check_sizes(args, n_train: int) -> None:
+    """Flags that must fit the data and the number of ranks."""
+    sizes = [(args.batch_size, "--batch-size")] + ([(args.sft_batch_size, "--sft-batch-size")] if args.sft_steps else [])
+    for n, flag in sizes:
+        try:
+            distributed.check_divisible(n, flag)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.batch_size > n_train:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {n_train} training studies of "
+                         f"{args.dataset}; choose at most {n_train}")
+    rows = args.batch_size // distributed.world_size() * args.num_generations
+    if args.grad_accum > rows:
+        raise UsageError(f"--grad-accum {args.grad_accum} is more than the {rows} completions a step gives "
+                         f"each process (--batch-size x --num-generations / ranks); choose at most {rows}")
+
+
+# What a run writes in its --output-dir; a fresh run refuses a folder holding the first group.
+RUN_STATE = ("sft", "init", "final", checkpoint.LATEST_FILE)
+RUN_OUTPUTS = ("metrics.jsonl", "curves.png", "sft.tmp", checkpoint.LATEST_FILE + ".tmp")
+
+
+def earlier_run(output_dir: str) -> list[str]:
+    """The names in output_dir that an earlier run left and a fresh run would reuse or mix with."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(n for n in names if n in RUN_STATE or n.startswith("checkpoint-"))
+
+
+def claim_output_dir(args) -> None:
+    """A fresh run needs an --output-dir without an earlier run in it (or --overwrite, which deletes
+    that run); the error names the folder and the ways out."""
+    found = earlier_run(args.output_dir)
+    if args.resume or not found:
+        return
+    if not args.overwrite:
+        raise UsageError(f"{args.output_dir} holds an earlier run ({', '.join(found)}); continue it with "
+                         f"--resume, start in a new --output-dir, or pass --overwrite to delete it")
+    with distributed.rank0_first():
+        if distributed.is_main():
+            for name in os.listdir(args.output_dir):
+                if name in RUN_STATE + RUN_OUTPUTS or name.startswith(("checkpoint-", ".checkpoint-")):
+                    path = os.path.join(args.output_dir, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def grpo_config(args) -> trainer.GRPOConfig:
@@ -140,23 +252,34 @@ def prepare_policy(args, train_studies, device):
     The SFT result is saved as an HF folder (<output_dir>/sft) and becomes the base: GRPO's
     reference policy is that SFT model, and a resumed run reloads it instead of training again."""
     sft_dir, init_dir = os.path.join(args.output_dir, "sft"), os.path.join(args.output_dir, "init")
-    if args.sft_steps > 0 and os.path.isfile(os.path.join(sft_dir, "config.json")):
-        return pipeline.load_policy(sft_dir, dtype=args.dtype, device=device)
+    load = dict(dtype=args.dtype, device=device, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.sft_steps > 0 and os.path.isfile(os.path.join(sft_dir, "config.json")):  # a resumed run
+        model, processor = pipeline.load_policy(sft_dir, **load)
+        model.gradient_checkpointing = args.grad_checkpointing
+        return model, processor
     start = args.policy
     if args.policy == "demo":
         with distributed.rank0_first():  # rank 0 writes the folder, the other ranks then read it
             if not os.path.isfile(os.path.join(init_dir, "model.safetensors")):  # written last
                 pipeline.demo_policy_folder(init_dir, [s.report for s in train_studies], seed=args.seed)
         start = init_dir
-    model, processor = pipeline.load_policy(start, weights_dir=args.weights_dir, dtype=args.dtype, device=device)
+    model, processor = pipeline.load_policy(start, weights_dir=args.weights_dir, **load)
+    model.gradient_checkpointing = args.grad_checkpointing  # SFT too: its backward is GRPO's size
     if args.sft_steps > 0:
         run_sft(args, model, processor, train_studies)
         if distributed.is_main():  # every rank holds the same SFT weights; one writes them
             shutil.rmtree(sft_dir + ".tmp", ignore_errors=True)
             model.save_pretrained(sft_dir + ".tmp")
-            processor.save_pretrained(sft_dir + ".tmp")
-            os.replace(sft_dir + ".tmp", sft_dir)  # a crash while saving leaves no half SFT model
+            processor.save_pretrained(sft_dir + ".tmp")  # with the run's image resolution
+            write_config(sft_dir + ".tmp", args)
+            checkpoint.durable_rename(sft_dir + ".tmp", sft_dir)  # a crash leaves no half SFT model
     return model, processor
+
+
+def write_config(folder: str, args) -> None:
+    """The run's flags (image resolution included) beside a model it wrote: evaluate.py reads them."""
+    with open(os.path.join(folder, checkpoint.CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(vars(args), f, indent=2, default=str)
 
 
 def run_sft(args, model, processor, studies):
@@ -227,30 +350,28 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_flags(args)
     device = distributed.init(args.device)  # several ranks (torchrun): join them, cuda:LOCAL_RANK
+    claim_output_dir(args)  # a fresh run never reuses another run's SFT model or checkpoints
     os.makedirs(args.output_dir, exist_ok=True)
     resume_from = checkpoint.find_latest(args.output_dir) if args.resume else None
     if args.resume and resume_from is None:
         raise checkpoint.CheckpointError(f"--resume: no checkpoint in {args.output_dir} (its `latest` "
                                          f"file is missing); run without --resume to start")
+    if resume_from:
+        checkpoint.check_config(resume_from, vars(args))  # lists every flag that changes the run
 
     # Everything that can be missing is checked before any work.
-    distributed.check_divisible(args.batch_size, "--batch-size")
-    if args.sft_steps > 0:
-        distributed.check_divisible(args.sft_batch_size, "--sft-batch-size")
     with distributed.rank0_first():  # the demo set is drawn on first use, by rank 0
         train_studies = pipeline.load_studies(args.dataset, args.data_root, "train", all_images=args.all_images)
         test_studies = pipeline.load_studies(args.dataset, args.data_root, "test",
                                              all_images=args.all_images)[:args.eval_limit]
-    if args.batch_size > len(train_studies):
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_studies)} training "
-                         f"studies of {args.dataset}; choose at most {len(train_studies)}")
+    check_sizes(args, len(train_studies))
     labeler = pipeline.build_labeler(args.labeler, args.chexbert_weights, args.weights_dir, device)
     if args.policy != "demo":
         pipeline.weights.resolve_policy(args.policy, args.weights_dir)
 
     model, processor = prepare_policy(args, train_studies, device)
-    model.gradient_checkpointing = args.grad_checkpointing
     cfg = grpo_config(args)
     results = {}
     if args.eval_limit and resume_from is None:
@@ -276,6 +397,8 @@ def main(argv=None) -> dict:
     special = pipeline.special_ids(processor)
     reward_cache = {}
     log_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if distributed.is_main():  # rows a crashed run logged after its checkpoint are logged again
+        checkpoint.drop_metrics_after(log_path, state["step"])
 
     def save(step):
         return checkpoint.save_checkpoint(
@@ -329,9 +452,11 @@ def main(argv=None) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 
-    if lora.lora_layers(model) and distributed.is_main():
-        base = args.policy if args.policy != "demo" else os.path.join(args.output_dir, "sft" if args.sft_steps else "init")
+    if lora.lora_layers(model) and distributed.is_main():  # the adapter sits on the SFT model when there is one
+        base = os.path.join(args.output_dir, "sft") if args.sft_steps else (
+            os.path.join(args.output_dir, "init") if args.policy == "demo" else args.policy)
         lora.save_adapter(model, os.path.join(args.output_dir, "final"), base_model_name_or_path=base)
+        write_config(os.path.join(args.output_dir, "final"), args)
     if args.eval_limit:
         results["after"] = evaluate(args, model, processor, labeler, test_studies, cfg, "after GRPO")
         if distributed.is_main():
@@ -371,12 +496,19 @@ def plot_curves(log_path: str, out: str) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":
+def command_line(argv: list[str]) -> None:
+    """main() for a person at a terminal: an error caused by a flag, a file or the data they gave
+    ends with one `error: ...` line and exit code 1 (OSError included: a path that cannot be read
+    or written); anything else is a bug and keeps its traceback."""
     finished = False
     try:
-        main(sys.argv[1:])
+        main(argv)
         finished = True
-    except (data.DataError, pipeline.weights.WeightsError, checkpoint.CheckpointError) as e:
-        sys.exit(f"error: {e}")  # missing data / weights / checkpoint: the message says what to do
+    except (UsageError, OSError, *pipeline.USER_ERRORS) as e:
+        sys.exit(f"error: {e}")
     finally:
         distributed.cleanup(all_finished=finished)
+
+
+if __name__ == "__main__":
+    command_line(sys.argv[1:])

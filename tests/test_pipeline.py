@@ -1,7 +1,7 @@
 """mrgr1.pipeline.load_policy on real-checkpoint-like folders: the run's image resolution whatever the
 preprocessor file says, and one line for each file mrgr1 reads differently from transformers.
 
-The folders are a tiny policy (pipeline.tiny_policy_folder) plus the files a downloaded Qwen2.5-VL
+The folders are the demo policy (pipeline.demo_policy_folder) plus the files a downloaded Qwen2.5-VL
 folder carries, written by the tests."""
 import json
 
@@ -21,7 +21,7 @@ QWEN_PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixel
 
 @pytest.fixture
 def folder(tmp_path):
-    path = pipeline.tiny_policy_folder(str(tmp_path / "policy"), REPORTS, vocab_size=300)
+    path = pipeline.demo_policy_folder(str(tmp_path / "policy"), REPORTS, vocab_size=300)
     with open(tmp_path / "policy" / "preprocessor_config.json", "w") as f:
         json.dump(QWEN_PREPROCESSOR, f)
     return path
