@@ -11,6 +11,19 @@ Variants: "batch" advantage scaling, no scaling and the "dr_grpo" length normali
 Liu et al., 2025, arXiv 2503.20783), token-level "bnpo"/"dapo" normalisation (DAPO, Yu et al., 2025,
 arXiv 2503.14476; also its asymmetric clip eps_high > eps_low).
 
+The four aggregations, side by side, for the N = B * G completions of one step, |o_i| completion
+tokens of row i, split into K micro-batches (--grad-accum) on each of W ranks (M = K * W parts m):
+    grpo     (1/N) sum_i (1/|o_i|) sum_t L_i,t              each completion's token mean, then the mean
+    bnpo     (1/M) sum_m [sum_{i in m} sum_t L_i,t / sum_{i in m} |o_i|]
+                                                            token mean within each micro-batch, then
+                                                            the mean over micro-batches (TRL's bnpo)
+    dapo     sum_i sum_t L_i,t / sum_i |o_i|                token mean over the whole step (TRL's dapo:
+                                                            num_items_in_batch, all ranks)
+    dr_grpo  sum_i sum_t L_i,t / (N * max_new_tokens)       a constant denominator (Dr. GRPO)
+bnpo and dapo agree when M = 1; with several micro-batches or ranks, bnpo weighs a token of a
+micro-batch with few tokens more. grpo, dapo and dr_grpo do not depend on K or W (see
+`loss_normalizer`); bnpo does, by definition (`part_normalizer`).
+
 Example (one update on a batch of N = B * G completions, T completion tokens):
     >>> adv = group_advantages(rewards, group_size=G)                      # [N]
     >>> logps = model.token_logps(..., logits_to_keep=T, temperature=temp)  # [N, T], with grad
@@ -132,7 +145,8 @@ def loss_normalizer(mask: torch.Tensor, loss_type: str = "grpo", max_len: int | 
     Gradient accumulation: compute this once on the full batch, pass it as `normalizer` to
     `policy_loss` for each micro-batch and SUM the micro-batch losses: the sum then equals the
     full-batch loss (and so do the gradients). Averaging per micro-batch instead would weigh a
-    token of a short micro-batch more than one of a long micro-batch.
+    token of a short micro-batch more than one of a long micro-batch, which is what bnpo does
+    by definition (`part_normalizer`).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -145,6 +159,21 @@ def loss_normalizer(mask: torch.Tensor, loss_type: str = "grpo", max_len: int | 
         raise ValueError(f"dr_grpo max_len ({max_len}) is shorter than the completions "
                          f"({mask.shape[1]} tokens): pass max_new_tokens")
     return float(mask.shape[0] * max_len)
+
+
+def part_normalizer(loss_type: str, whole: float, part_mask: torch.Tensor, num_parts: int) -> float:
+    """The denominator one micro-batch's loss uses when the step's loss is the SUM over its
+    num_parts micro-batches (all ranks): the whole step's `loss_normalizer` for grpo, dapo and
+    dr_grpo; for bnpo, as TRL, the micro-batch's own token count times num_parts (a token mean
+    per micro-batch, averaged over the micro-batches).
+
+    Worked example, 2 micro-batches with 3 and 1 tokens, token losses summing to -1.2 and 0.8:
+        bnpo: -1.2 / (3 * 2) + 0.8 / (1 * 2) = 0.2  (mean of -0.4 and 0.8)
+        dapo: (-1.2 + 0.8) / 4 = -0.1
+    """
+    if loss_type == "bnpo":
+        return max(float(part_mask.sum()), 1.0) * num_parts
+    return whole
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo",

@@ -196,6 +196,19 @@ def adapters_disabled(model: nn.Module):
             layer.enabled = enabled
 
 
+def train_without_dropout(model: nn.Module) -> nn.Module:
+    """Train mode (gradient checkpointing stays on) with every dropout layer off.
+
+    GRPO's update must compute the log-probs its old and reference log-probs were computed with
+    (eval mode): with LoRA dropout on, r = pi_theta / pi_old would differ from 1 and clip before
+    any update. TRL calls this disable_dropout. SFT keeps its dropout (plain model.train())."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+    return model
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode with no trainable parameters: the reference for full fine-tuning."""
     ref = copy.deepcopy(model).eval()

@@ -56,7 +56,7 @@ class GRPOConfig:
     loss_type: str = "grpo"           # grpo | bnpo | dapo | dr_grpo
     scale_rewards: str = "group"      # group | batch | none (Dr. GRPO)
     num_iterations: int = 1           # PPO epochs over one batch of rollouts (mu in the GRPO paper)
-    grad_accum: int = 1               # micro-batches per optimizer step (memory, not maths)
+    grad_accum: int = 1               # micro-batches per optimizer step (memory, not maths; bnpo aside)
     max_grad_norm: float = 1.0        # gradient-norm clipping
     mask_truncated: bool = False      # drop completions without EOS from the loss (DAPO)
     reward_kind: str = "mccs"         # mccs (the paper) | ce_f1 | bleu (the paper's ablations)
@@ -288,8 +288,9 @@ def grpo_step(model, processor, studies: list[Study], labeler, optimizer, schedu
         mask = grpo.mask_truncated(mask, truncated.to(device))
     # ranks: the whole batch's normaliser, so the micro-batch (and rank) losses sum to its loss
     normalizer = distributed.sum_across_ranks(grpo.loss_normalizer(mask, cfg.loss_type, cfg.max_new_tokens))
+    num_parts = len(parts_of_batch) * distributed.world_size()                      # bnpo: per micro-batch
     params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
+    lora.train_without_dropout(model)  # the log-probs of step 5, with grad: r = 1 before the first update
     history = []
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
@@ -300,7 +301,8 @@ def grpo_step(model, processor, studies: list[Study], labeler, optimizer, schedu
             loss, stats = grpo.policy_loss(
                 logps, _rows(rollout.old_logps, rows), _rows(rollout.ref_logps, rows),
                 rollout.advantages[rows], mask[rows], eps_low=cfg.epsilon, eps_high=cfg.epsilon_high,
-                beta=cfg.beta, loss_type=cfg.loss_type, max_len=cfg.max_new_tokens, normalizer=normalizer)
+                beta=cfg.beta, loss_type=cfg.loss_type, max_len=cfg.max_new_tokens,
+                normalizer=grpo.part_normalizer(cfg.loss_type, normalizer, mask[rows], num_parts))
             loss.backward()
             update["loss"] += float(loss.detach())
             share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0)  # token-weighted mean

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mrgr1.grpo import (aggregate, clipped_surrogate, group_advantages, importance_ratio, k3_kl,
-                        loss_normalizer, mask_truncated, policy_loss, token_logps_from_logits)
+                        loss_normalizer, mask_truncated, part_normalizer, policy_loss, token_logps_from_logits)
 
 close = dict(rel=1e-4, abs=1e-6)
 
@@ -249,6 +249,36 @@ def test_micro_batch_losses_with_whole_batch_normalizer_sum_to_the_full_loss(los
     (acc_grad,) = torch.autograd.grad(sum(parts), logps)
     assert sum(parts).item() == pytest.approx(full.item(), **close)
     torch.testing.assert_close(acc_grad, full_grad)
+
+
+def _two_micro_batches(loss_type):
+    """Per-token losses of 3 rows in micro-batches [row 0] (3 tokens) and [rows 1, 2] (1 + 3 tokens),
+    aggregated as grpo_step does: each part's loss with its part_normalizer, summed."""
+    per_token = torch.tensor([[-0.5, -0.3, -0.4, 9.0], [0.8, 9.0, 9.0, 9.0], [0.1, 0.5, 0.3, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 0]])
+    whole = loss_normalizer(mask, loss_type, max_len=4)
+    return sum(aggregate(per_token[s], mask[s], loss_type, max_len=4,
+                         normalizer=part_normalizer(loss_type, whole, mask[s], num_parts=2)).item()
+               for s in (slice(0, 1), slice(1, 3)))
+
+
+def test_bnpo_is_a_token_mean_per_micro_batch_averaged_as_trls():
+    # TRL's bnpo: each micro-batch's sum / its own token count, divided by the 2 accumulation steps
+    trl = ((-0.5 - 0.3 - 0.4) / 3 + (0.8 + 0.1 + 0.5 + 0.3) / 4) / 2  # = 0.0125
+    assert _two_micro_batches("bnpo") == pytest.approx(trl, **close)
+
+
+def test_dapo_keeps_the_whole_steps_token_count():
+    # TRL's dapo: the sum over every micro-batch / num_items_in_batch, the step's 7 tokens
+    assert _two_micro_batches("dapo") == pytest.approx((-1.2 + 1.7) / 7, **close)
+    assert _two_micro_batches("grpo") == pytest.approx((-0.4 + 0.8 + 0.3) / 3, **close)
+
+
+def test_part_normalizer_worked_example_from_its_docstring():
+    three, one = torch.tensor([1, 1, 1]), torch.tensor([1, 0, 0])
+    bnpo = -1.2 / part_normalizer("bnpo", 4.0, three, 2) + 0.8 / part_normalizer("bnpo", 4.0, one, 2)
+    assert bnpo == pytest.approx(0.2, **close)
+    assert part_normalizer("dapo", 4.0, three, 2) == 4.0
 
 
 def test_aggregate_worked_example_from_its_docstring():

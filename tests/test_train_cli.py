@@ -157,3 +157,44 @@ def test_a_real_bug_keeps_its_traceback(demo_root, tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError):
         train_grpo.command_line(["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(tmp_path),
                                  "--batch-size", "2", "--sft-steps", "1", "--sft-batch-size", "2"])
+
+
+# ----------------------------------------------------------------------------- the update
+
+def _record_policy_loss(monkeypatch):
+    """grpo.policy_loss that keeps, per call, the micro-batch's token count, its normaliser and stats."""
+    from mrgr1 import grpo
+
+    calls, real = [], grpo.policy_loss
+
+    def recording(logps, old, ref, adv, mask, **kw):
+        loss, stats = real(logps, old, ref, adv, mask, **kw)
+        calls.append({"tokens": float(mask.sum()), "normalizer": kw["normalizer"], **stats})
+        return loss, stats
+    monkeypatch.setattr(grpo, "policy_loss", recording)
+    return calls
+
+
+def test_with_lora_dropout_the_first_ratio_is_exactly_one_fresh_and_resumed(demo_root, tmp_path, monkeypatch):
+    calls, real = _record_policy_loss(monkeypatch), trainer.compute_rewards
+
+    def alternating(texts, *args, **kwargs):  # the untrained model earns 0 everywhere: give each
+        total, parts = real(texts, *args, **kwargs)  # group a 0 and a 1, so that the update moves
+        return total + torch.arange(len(texts)) % 2, parts
+    monkeypatch.setattr(trainer, "compute_rewards", alternating)
+    flags = ("--steps", "2", "--save-every", "1", "--lora-dropout", "0.5", "--num-iterations", "2",
+             "--beta", "0.04", "--lr", "0.05")
+    small_run(demo_root, tmp_path, *flags)
+    (tmp_path / "latest").write_text("checkpoint-000001\n")
+    small_run(demo_root, tmp_path, *flags, "--resume")
+    firsts = [calls[0], calls[2], calls[4]]  # 2 calls (iterations) per step: steps 1, 2, resumed 2
+    for first in firsts:
+        assert first["ratio_mean"] == 1.0 and first["clip_ratio/region_mean"] == 0.0
+    assert calls[1]["ratio_mean"] != 1.0  # the second iteration follows an update
+
+
+def test_bnpo_normalises_each_micro_batch_by_its_own_tokens(demo_root, tmp_path, monkeypatch):
+    calls = _record_policy_loss(monkeypatch)
+    small_run(demo_root, tmp_path, "--loss-type", "bnpo", "--grad-accum", "2")
+    assert len(calls) == 2
+    assert [c["normalizer"] for c in calls] == [max(c["tokens"], 1.0) * 2 for c in calls]
