@@ -359,7 +359,9 @@ def main(argv=None) -> dict:
         raise checkpoint.CheckpointError(f"--resume: no checkpoint in {args.output_dir} (its `latest` "
                                          f"file is missing); run without --resume to start")
     if resume_from:
-        checkpoint.check_config(resume_from, vars(args))  # lists every flag that changes the run
+        for note in checkpoint.check_config(resume_from, vars(args)):  # refuses flags that change the run
+            if distributed.is_main():
+                print(note)
 
     # Everything that can be missing is checked before any work.
     with distributed.rank0_first():  # the demo set is drawn on first use, by rank 0

@@ -14,7 +14,8 @@ checkpoint whose files the disk has not kept.
 
 On resume, `config_differences` lists the flags that change the run (batch size, G, seed, lr,
 loss type, LoRA shape, data set, ...) and differ from the checkpoint's train_config.json; where
-it runs, how often it saves or reports, and what it evaluates do not count (`NOT_RUN_KEYS`).
+it runs, how often it saves or reports, and what it evaluates do not count (`NOT_RUN_KEYS`), and
+the run's length (--steps, --epochs) may change with a note.
 `drop_metrics_after` cuts the rows a crashed run logged after its last checkpoint.
 
 Example:
@@ -170,9 +171,12 @@ def load_checkpoint(folder: str, model, optimizer=None, scheduler=None) -> dict:
 # ----------------------------------------------------------------------------- resume checks
 
 # Flags that do not change what a run computes: where it runs, how often it saves or reports, what
-# it evaluates before/after, memory savers. Every other flag stored in train_config.json must match.
-NOT_RUN_KEYS = frozenset({"resume", "overwrite", "output_dir", "weights_dir", "device", "threads",
-                          "save_every", "sample_every", "grad_checkpointing"})
+# it evaluates before/after (--eval-*), memory savers. Every other flag in train_config.json must match.
+NOT_RUN_KEYS = ("resume", "overwrite", "output_dir", "weights_dir", "device", "threads",
+                "save_every", "sample_every", "grad_checkpointing")
+# The run's length may change on resume (train longer or stop earlier); the caller says so, since
+# the learning-rate schedule then spans the new length.
+LENGTH_KEYS = ("steps", "epochs")
 
 
 def _flag(key: str) -> str:
@@ -182,14 +186,16 @@ def _flag(key: str) -> str:
 def config_differences(stored: dict, current: dict) -> list[str]:
     """'--flag: <checkpoint's value> in the checkpoint, <value> now' for each flag that changes the
     run and differs. Flags the checkpoint does not record (added to mrgr1 later) are not compared;
-    NOT_RUN_KEYS and --eval-* never are."""
+    NOT_RUN_KEYS, LENGTH_KEYS and --eval-* never are."""
     current = json.loads(json.dumps(current, default=str))  # the form train_config.json stores
     return [f"{_flag(k)}: {stored[k]!r} in the checkpoint, {current[k]!r} now" for k in sorted(current)
-            if k in stored and k not in NOT_RUN_KEYS and not k.startswith("eval_") and stored[k] != current[k]]
+            if k in stored and k not in NOT_RUN_KEYS + LENGTH_KEYS and not k.startswith("eval_")
+            and stored[k] != current[k]]
 
 
-def check_config(folder: str, current: dict) -> None:
-    """Refuse to resume `folder` with flags that change the run; the error lists each difference."""
+def check_config(folder: str, current: dict) -> list[str]:
+    """Refuse to resume `folder` with flags that change the run; the error lists each difference.
+    Returns a note for each LENGTH_KEYS flag that differs (allowed: the run gets longer or shorter)."""
     path = os.path.join(folder, CONFIG_FILE)
     try:
         with open(path, encoding="utf-8") as f:
@@ -200,6 +206,10 @@ def check_config(folder: str, current: dict) -> None:
     if differences:
         raise CheckpointError(f"--resume: {folder} was trained with other settings ({'; '.join(differences)}); "
                               f"resume with the checkpoint's values, or start a new run in another --output-dir")
+    current = json.loads(json.dumps(current, default=str))
+    return [f"note: {_flag(k)} {current[k]} (the checkpoint's run had {stored[k]}): the learning-rate "
+            f"schedule now spans the new length" for k in LENGTH_KEYS
+            if k in stored and k in current and stored[k] != current[k]]
 
 
 def drop_metrics_after(path: str, step: int) -> int:

@@ -67,6 +67,15 @@ def test_check_config_refuses_with_every_difference(tmp_path):
         checkpoint.check_config(final, {**STORED, "seed": 1, "dataset": "mimic_cxr"})
 
 
+def test_a_longer_run_is_allowed_with_a_note(tmp_path):
+    final = _save(tmp_path)
+    with open(os.path.join(final, checkpoint.CONFIG_FILE), "w") as f:
+        json.dump({**STORED, "steps": 1000}, f)
+    assert checkpoint.check_config(final, {**STORED, "steps": 1000}) == []
+    notes = checkpoint.check_config(final, {**STORED, "steps": 2000})
+    assert len(notes) == 1 and notes[0].startswith("note: --steps 2000 (the checkpoint's run had 1000)")
+
+
 def test_metrics_rows_past_the_checkpoint_step_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "rew')
