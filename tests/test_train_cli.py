@@ -25,7 +25,7 @@ def small_run(demo_root, out, *extra):
     return train_grpo.main(["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(out),
                             "--sft-steps", "0", "--num-generations", "2", "--batch-size", "2",
                             "--max-new-tokens", "4", "--eval-limit", "0", "--sample-every", "0",
-                            "--lora-rank", "2", "--steps", "1", *extra])
+                            "--lora-rank", "2", "--steps", "1", "--num-iterations", "1", "--beta", "0", *extra])
 
 
 def one_line_error(argv) -> str:
