@@ -34,7 +34,8 @@ Example:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +45,14 @@ from mrgr1.language import KVCache
 # sync, which on a GPU stalls the queue of kernels the CPU has launched ahead; on the CPU it
 # costs nothing. A few wasted steps at the end are cheaper than a sync per step on a GPU.
 STOP_CHECK_EVERY_ON_ACCELERATOR = 8
+
+# The decode steps `generate` offers (its `decode` argument); all give the same tokens.
+#   eager:  the cache sliced to its filled columns, the mask one column longer each step.
+#   static: static shapes (whole cache, a mask, the step's column and positions on the device).
+#   graph:  the static step recorded once as a CUDA graph and replayed every token (CUDA only).
+DECODE_MODES = ("auto", "eager", "static", "graph")
+# Real steps run before recording the graph (cuBLAS handles, allocator pools settle).
+GRAPH_WARMUP_STEPS = 2
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -100,8 +109,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 
 
 def sampled_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T)[token], T = 1 when greedy; unfiltered by top-k / top-p, so it
-    equals `model.token_logps(..., temperature=T)` of the finished sequence. [R, V] -> [R]."""
+    """log softmax(logits / T)[token], T = 1 when greedy, over the whole vocabulary: the
+    model's raw logits, before suppression and top-k / top-p, so it equals
+    `model.token_logps(..., temperature=T)` of the finished sequence. [R, V] -> [R]."""
     scaled = logits.float() / (temperature if temperature > 0 else 1.0)
     return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -120,11 +130,25 @@ def prefill(model, input_ids, attention_mask, pixel_values, image_grid_thw,
 def decode_one_token(model, tokens: torch.Tensor, attention_mask: torch.Tensor,
                      positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One cached step for every row: tokens [R] at M-RoPE positions [R] (a text token has
-    t = h = w), attention_mask [R, cache.length + 1] -> next-token logits [R, V]."""
+    t = h = w), attention_mask [R, cache.length + 1] -> next-token logits [R, V].
+    The shapes grow by one column per step (the cache's filled part is sliced)."""
     position_ids = positions.view(1, -1, 1).expand(3, -1, 1)                    # [3, R, 1]
     logits = model(tokens[:, None], attention_mask, position_ids=position_ids,
                    kv_cache=cache, logits_to_keep=1)                             # [R, 1, V]
     return logits[:, -1]
+
+
+def decode_one_token_static(model, tokens: torch.Tensor, positions: torch.Tensor,
+                            key_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """The same step with static shapes: tokens [R] at positions [R] are written at cache
+    column `cache.column` (a device tensor) and attend over all cache.max_len columns through
+    key_mask [R, 1, 1, max_len] (True = attend) -> next-token logits [R, V]. No shape and no
+    Python value depends on the step, so one CUDA graph can record it for every step.
+    Calls the decoder directly: a text token needs no image features and no rope index."""
+    text = model.model.language_model
+    position_ids = positions.view(1, -1, 1).expand(3, -1, 1)                    # [3, R, 1]
+    hidden = text(text.embed_tokens(tokens[:, None]), position_ids, key_mask, cache)  # [R, 1, D]
+    return model.lm_head(hidden[:, -1])                                          # [R, V]
 
 
 def first_new_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -135,10 +159,95 @@ def first_new_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor
     return position_ids.masked_fill(~real, 0).amax(dim=(0, 2)) + 1
 
 
+# ----------------------------------------------------------------------------- one step
+
+@dataclass
+class Sampling:
+    """How the next token is chosen: generate's arguments, the id lists as device tensors."""
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator | None
+    suppress: torch.Tensor   # [S] ids never sampled
+    eos: torch.Tensor        # [E] ids that end a row
+    pad_token_id: int
+    return_logps: bool
+
+
+@dataclass
+class Rows:
+    """The R = B*G rows being decoded. Every tensor is allocated once and updated in place, so a
+    recorded CUDA graph, which replays on fixed memory, sees each step's values."""
+    tokens: torch.Tensor           # [R] long, the last token taken
+    step: torch.Tensor             # [1] long, tokens taken so far = the next completion column
+    done: torch.Tensor             # [R] bool, the row has taken an EOS
+    completions: torch.Tensor      # [R, N] long
+    mask: torch.Tensor             # [R, N] long
+    logps: torch.Tensor            # [R, N] float32
+    first_positions: torch.Tensor  # [R] long, M-RoPE position of the first new token
+    key_mask: torch.Tensor         # [R, P+N] bool, False at the prompt's left padding
+
+
+def take_token(rows: Rows, logits: torch.Tensor, how: Sampling) -> None:
+    """Choose every row's next token from logits [R, V] and record it in column rows.step; a
+    finished row takes pad_token_id, masked 0. Device work only: no host sync."""
+    allowed = logits.index_fill(-1, how.suppress, float("-inf")) if len(how.suppress) else logits
+    tokens = sample(allowed, how.temperature, how.top_k, how.top_p, how.generator)   # [R]
+    tokens = tokens.masked_fill(rows.done, how.pad_token_id)
+    rows.completions.index_copy_(1, rows.step, tokens[:, None])
+    rows.mask.index_copy_(1, rows.step, (~rows.done).long()[:, None])
+    if how.return_logps:
+        logps = sampled_logps(logits, tokens, how.temperature).masked_fill(rows.done, 0.0)
+        rows.logps.index_copy_(1, rows.step, logps[:, None])
+    rows.done |= (tokens[:, None] == how.eos).any(dim=-1)   # isin, written to need no sync
+    rows.tokens.copy_(tokens)
+    rows.step += 1
+
+
+def eager_step(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: int) -> None:
+    """Feed each row's last token, take the next: the cache sliced to its filled columns."""
+    fed = cache.length - prompt_len                  # completion column of the token fed
+    logits = decode_one_token(model, rows.tokens, rows.key_mask[:, :cache.length + 1],
+                              rows.first_positions + fed, cache)                 # [R, V]
+    take_token(rows, logits, how)
+
+
+def static_step(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: int) -> None:
+    """Feed each row's last token, take the next, with static shapes: the step's cache column
+    and positions are computed on the device from rows.step, the mask hides the columns not
+    yet written. The same kernels on the same memory every step (what a CUDA graph needs)."""
+    fed = rows.step - 1                                                          # [1]
+    torch.add(fed, prompt_len, out=cache.column)                                 # [1]
+    written = torch.arange(cache.max_len, device=fed.device) <= cache.column     # [L]
+    key_mask = (rows.key_mask & written)[:, None, None]                          # [R, 1, 1, L]
+    logits = decode_one_token_static(model, rows.tokens, rows.first_positions + fed,
+                                     key_mask, cache)                            # [R, V]
+    take_token(rows, logits, how)
+
+
+def record_graph(step: Callable[[], None], generator: torch.Generator | None) -> Callable[[], None]:
+    """Run `step` GRAPH_WARMUP_STEPS times for real on a side stream (lazy initialisations,
+    allocator), then record one call as a torch.cuda.CUDAGraph and return its replay: the
+    recorded kernels, launched as one unit on the same memory. The caller counts the warm-up
+    calls as steps taken. A generator is registered so every replay draws fresh numbers."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP_STEPS):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def check_inputs(input_ids, attention_mask, max_new_tokens, num_samples, temperature,
-                 top_p, top_k, generator) -> None:
+                 top_p, top_k, generator, decode) -> None:
     """Errors that say what was wrong and what to do, before any compute."""
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"generate: input_ids {tuple(input_ids.shape)} and attention_mask "
@@ -157,6 +266,18 @@ def check_inputs(input_ids, attention_mask, max_new_tokens, num_samples, tempera
         raise ValueError(f"generate: the generator is on {generator.device} but the inputs "
                          f"are on {input_ids.device}; make it with torch.Generator("
                          f"device={str(input_ids.device)!r})")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"generate: decode={decode!r}; choose one of {DECODE_MODES}")
+    if decode == "graph" and input_ids.device.type != "cuda":
+        raise ValueError(f"generate: decode='graph' records a CUDA graph, but the inputs are on "
+                         f"{input_ids.device}; use decode='static' or 'eager' there")
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """'auto' is 'graph' on CUDA and 'eager' elsewhere (see DECODE_MODES)."""
+    if decode != "auto":
+        return decode
+    return "graph" if device.type == "cuda" else "eager"
 
 
 @torch.no_grad()  # not inference_mode: the completions feed the training forward later
@@ -165,7 +286,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_token_ids: Sequence[int] = (),
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             return_logps: bool = False, suppress_token_ids: Sequence[int] = ()):
+             return_logps: bool = False, suppress_token_ids: Sequence[int] = (),
+             decode: str = "auto"):
     """Sample `num_samples` (G) completions for each of the B left-padded prompts.
 
     input_ids, attention_mask [B, P]; pixel_values [N_patches, C*T*p*p] and image_grid_thw
@@ -173,21 +295,30 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     are off. pad_token_id fills the columns after EOS (default: the first EOS id, else 0).
     suppress_token_ids are never sampled (their logits are set to -inf), e.g. <|image_pad|>,
     which would need an image the completion does not have.
+    decode chooses the decode step (DECODE_MODES): "eager", "static", "graph" (CUDA only) or
+    "auto" ("graph" on CUDA, else "eager"). All give the same tokens (see docs/generation.md).
 
     Returns the tuple (completions, mask), or (completions, mask, logps) with return_logps:
       completions [B*G, max_new_tokens] long, row i belongs to prompt i // G;
       mask        [B*G, max_new_tokens] long, 1 for generated tokens up to and including EOS;
       logps       [B*G, max_new_tokens] float32, log softmax(logits / T) of each sampled
-                  token (T = 1 when greedy), before top-k / top-p filtering: the same
-                  quantity as `model.token_logps(..., temperature=T)`; 0 where mask is 0.
+                  token (T = 1 when greedy) over the WHOLE vocabulary, i.e. computed before
+                  suppress_token_ids, top-k and top-p act: the same quantity as
+                  `model.token_logps(..., temperature=T)`; 0 where mask is 0. (The
+                  distribution actually sampled from is renormalised without the suppressed
+                  and filtered tokens, so its log-prob of a token is >= this value.)
     """
     check_inputs(input_ids, attention_mask, max_new_tokens, num_samples, temperature,
-                 top_p, top_k, generator)
+                 top_p, top_k, generator, decode)
     device, (batch, prompt_len) = input_ids.device, input_ids.shape
-    rows, total_len = batch * num_samples, prompt_len + max_new_tokens
+    rows_n, total_len = batch * num_samples, prompt_len + max_new_tokens
+    decode = resolve_decode(decode, device)
     if pad_token_id is None:
         pad_token_id = eos_token_ids[0] if len(eos_token_ids) else 0
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    how = Sampling(temperature, top_k, top_p, generator,
+                   suppress=torch.tensor(list(suppress_token_ids), dtype=torch.long, device=device),
+                   eos=torch.tensor(list(eos_token_ids), dtype=torch.long, device=device),
+                   pad_token_id=pad_token_id, return_logps=return_logps)
     check_every = 1 if device.type == "cpu" else STOP_CHECK_EVERY_ON_ACCELERATOR
 
     was_training = model.training
@@ -199,32 +330,34 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         logits = prefill(model, input_ids, attention_mask, pixel_values, image_grid_thw,
                          position_ids, cache)                                   # [B, V]
         cache = cache.repeat_rows(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)                   # [B*G, V]
-        positions = first_new_positions(position_ids, attention_mask)
-        positions = positions.repeat_interleave(num_samples)                    # [B*G]
-        full_mask = torch.cat([attention_mask.repeat_interleave(num_samples, dim=0),
-                               attention_mask.new_ones(rows, max_new_tokens)], dim=1)  # [B*G, P+N]
+        first_positions = first_new_positions(position_ids, attention_mask)     # [B]
+        prompt_mask = attention_mask.bool().repeat_interleave(num_samples, dim=0)  # [B*G, P]
+        rows = Rows(
+            tokens=torch.zeros(rows_n, dtype=torch.long, device=device),
+            step=torch.zeros(1, dtype=torch.long, device=device),
+            done=torch.zeros(rows_n, dtype=torch.bool, device=device),
+            completions=torch.full((rows_n, max_new_tokens), pad_token_id, dtype=torch.long,
+                                   device=device),
+            mask=torch.zeros(rows_n, max_new_tokens, dtype=torch.long, device=device),
+            logps=torch.zeros(rows_n, max_new_tokens, dtype=torch.float32, device=device),
+            first_positions=first_positions.repeat_interleave(num_samples),       # [B*G]
+            key_mask=torch.cat([prompt_mask, prompt_mask.new_ones(rows_n, max_new_tokens)], dim=1))
+        take_token(rows, logits.repeat_interleave(num_samples, dim=0), how)     # token 0
 
-        completions = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long,
-                                 device=device)
-        mask = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
-        logps = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        suppress = torch.tensor(list(suppress_token_ids), dtype=torch.long, device=device)
-        for step in range(max_new_tokens):
-            logits = logits.index_fill(-1, suppress, float("-inf")) if len(suppress) else logits
-            tokens = sample(logits, temperature, top_k, top_p, generator)         # [B*G]
-            tokens = tokens.masked_fill(done, pad_token_id)
-            completions[:, step] = tokens
-            mask[:, step] = (~done).long()
-            if return_logps:
-                logps[:, step] = sampled_logps(logits, tokens, temperature).masked_fill(done, 0.0)
-            done |= torch.isin(tokens, eos)
-            last = step == max_new_tokens - 1
-            if last or ((step + 1) % check_every == 0 and bool(done.all())):
-                break
-            logits = decode_one_token(model, tokens, full_mask[:, :prompt_len + step + 1],
-                                      positions + step, cache)                   # [B*G, V]
+        if decode == "eager":
+            step = lambda: eager_step(model, rows, how, cache, prompt_len)  # noqa: E731
+        else:
+            cache.column = torch.zeros(1, dtype=torch.long, device=device)
+            step = lambda: static_step(model, rows, how, cache, prompt_len)  # noqa: E731
+        taken = 1
+        while taken < max_new_tokens and not (taken % check_every == 0 and bool(rows.done.all())):
+            if decode == "graph" and max_new_tokens - taken > GRAPH_WARMUP_STEPS:
+                step, decode = record_graph(step, generator), "graph recorded"
+                taken += GRAPH_WARMUP_STEPS
+                continue
+            step()
+            taken += 1
     finally:
         model.train(was_training)
-    return (completions, mask, logps) if return_logps else (completions, mask)
+    completions, mask = rows.completions, rows.mask
+    return (completions, mask, rows.logps) if return_logps else (completions, mask)

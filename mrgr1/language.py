@@ -66,19 +66,29 @@ def mrope_cos_sin(position_ids: torch.Tensor, cfg: TextConfig) -> tuple[torch.Te
     of the `mrope_section` groups it falls in; the halves are duplicated as in rotate_half."""
     inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, position_ids.device)  # [hd/2]
     angles = position_ids.float()[..., None] * inv_freq  # [3, B, T, hd/2]
-    axis = torch.repeat_interleave(torch.arange(3, device=angles.device),
-                                   torch.tensor(cfg.mrope_section, device=angles.device))  # [hd/2] in {0,1,2}
+    # Axis of each frequency: 0 for the first section, 1 for the second, 2 for the third. Built
+    # from arange and comparisons (no host-to-device copy), so a CUDA graph can record it.
+    freq = torch.arange(inv_freq.shape[0], device=angles.device)  # [hd/2]
+    t_end, h_end = cfg.mrope_section[0], cfg.mrope_section[0] + cfg.mrope_section[1]
+    axis = (freq >= t_end).long() + (freq >= h_end).long()  # [hd/2] in {0,1,2}
     angles = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:]))[0]  # [B, T, hd/2]
     angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, T, hd]
     return angles.cos(), angles.sin()
 
 
 class KVCache:
-    """Preallocated keys/values: k[l], v[l] of shape [rows, kv_heads, max_len, head_dim];
-    `length` = number of columns already filled (same for all rows: batches are left padded).
+    """Preallocated keys/values: k[l], v[l] of shape [rows, kv_heads, max_len, head_dim].
 
-    The decoder writes new keys/values in place at columns [length, length + T); the caller
-    (Qwen2_5_VL.forward) advances `length` once all layers have run."""
+    Two ways to write, chosen by `column`:
+    - dynamic (`column` None, prefill and the eager decode step): `length` = number of columns
+      already filled (same for all rows: batches are left padded); each layer writes its new
+      keys/values at columns [length, length + T) and attends over columns [0, length + T).
+      `Qwen2_5_VL.hidden_states` advances `length` once all layers have run; the decoder does not.
+    - static (`column` a [1] long tensor on the cache's device, the static decode step): each
+      layer writes its one new key/value at that column and attends over all max_len columns,
+      the caller's mask hiding the unfilled ones. Shapes never change and the column is read on
+      the device, so the step can be recorded once as a CUDA graph and replayed; the caller
+      moves `column` in place."""
 
     def __init__(self, num_layers, rows, kv_heads, max_len, head_dim, *, dtype, device):
         shape = (rows, kv_heads, max_len, head_dim)
@@ -86,6 +96,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
         self.max_len = max_len
+        self.column: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, model, rows, max_len, dtype=None, device=None) -> "KVCache":
@@ -101,15 +112,21 @@ class KVCache:
         return self.k[0].shape[0]
 
     def repeat_rows(self, n: int) -> "KVCache":
-        """A new cache with row i copied to rows i*n .. i*n+n-1 (prompt-grouped, like generate's output)."""
+        """A new (dynamic) cache with row i copied to rows i*n .. i*n+n-1 (prompt-grouped, like
+        generate's output)."""
         new = KVCache.__new__(KVCache)
         new.k = [k.repeat_interleave(n, dim=0) for k in self.k]
         new.v = [v.repeat_interleave(n, dim=0) for v in self.v]
-        new.length, new.max_len = self.length, self.max_len
+        new.length, new.max_len, new.column = self.length, self.max_len, None
         return new
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [rows, kv_heads, T, hd] at columns [length, length+T); return all filled columns."""
+        """Store k, v [rows, kv_heads, T, hd]; return the keys/values to attend over: columns
+        [0, length + T) when dynamic, all max_len columns when static (see the class docstring)."""
+        if self.column is not None:
+            self.k[layer].index_copy_(2, self.column, k)  # T = 1: column is [1]
+            self.v[layer].index_copy_(2, self.column, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KVCache is full: {self.length} + {k.shape[2]} new tokens > max_len {self.max_len}; "
@@ -155,8 +172,20 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.write(self.layer_idx, k, v)  # [B, Hkv, L, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, hd]
+        if T == 1:  # decoding: the query heads of a KV group become that group's queries
+            out = grouped_query_step(q, k, v, mask)  # [B, H, 1, hd]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def grouped_query_step(q, k, v, mask):
+    """GQA for one query per row without copying keys/values: q [B, H, 1, hd] is viewed as
+    [B, Hkv, H/Hkv, hd] (query head h uses KV head h // (H/Hkv)), so plain multi-head SDPA
+    applies; mask [B, 1, 1, L] covers every query of the row. k, v [B, Hkv, L, hd] -> [B, H, 1, hd]."""
+    B, H, _, hd = q.shape
+    grouped = q.reshape(B, k.shape[1], H // k.shape[1], hd)  # [B, Hkv, H/Hkv, hd]
+    return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).reshape(B, H, 1, hd)
 
 
 class MLP(nn.Module):
@@ -198,10 +227,15 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, inputs_embeds, position_ids, attention_mask, kv_cache=None, checkpoint_layers=False):
-        """inputs_embeds [B, T, D], position_ids [3, B, T], attention_mask [B, L] (L = cached + T)
-        -> normed hidden states [B, T, D]. Does not advance kv_cache.length (the caller does)."""
+        """inputs_embeds [B, T, D], position_ids [3, B, T], attention_mask [B, L] (L = cached + T;
+        made causal here) or a ready boolean [B, 1, T, L] mask (True = attend, used as given)
+        -> normed hidden states [B, T, D]. Writes kv_cache but does not advance its `length`:
+        Qwen2_5_VL.hidden_states does that."""
         cos, sin = mrope_cos_sin(position_ids, self.cfg)  # [B, 1, T, hd] each
-        mask = attention_mask_4d(attention_mask, inputs_embeds.shape[1])  # [B, 1, T, L]
+        if attention_mask.dim() == 4:
+            mask = attention_mask
+        else:
+            mask = attention_mask_4d(attention_mask, inputs_embeds.shape[1])  # [B, 1, T, L]
         x = inputs_embeds
         for layer in self.layers:
             if checkpoint_layers:
