@@ -11,13 +11,22 @@ fp32; in bf16 the two stacks round differently and greedy paths may part, so the
 fraction is printed instead). Tokens/s = B * G * max_new_tokens / wall time; the median of
 --repeats runs of each, interleaved, after one warm-up run of each.
 
+Our generator is timed with each decode step (generate's `decode`): eager, static, and on
+CUDA the static step replayed as a CUDA graph. For ours, the time of one decode step is
+(time of the run - time of a run with max_new_tokens=1, i.e. prefill and first token) /
+(max_new_tokens - 1); the roofline beside it is the least a step must read (the decoder's
+weights + the KV cache at the run's mean length, `decode_bytes`) divided by the memory
+bandwidth (--bandwidth-tbs: a number from the card's data sheet, or 'measure' for a device
+copy; required on CUDA).
+
 Run from the repository root (CPU, the default config: 4 layers, hidden 256, vocab 151936,
 2 prompts x 8 samples x 64 tokens, one 224x224 image per prompt, fp32):
     PYTHONPATH=. python benchmarks/bench_generate.py --threads 1
 (On a CPU shared with other jobs, --threads 1 avoids OpenMP threads spinning against each
 other, which slowed both generators ~7x here; --vocab 2048 shows the overhead-bound case.)
-A GPU with the real 3B shapes (random weights):
-    python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --preset qwen2.5-vl-3b
+A GPU with the 7B shapes (random weights) at 16, 64 and 128 rows, as issue 18 asks:
+    python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --preset huatuogpt-vision-7b \
+        --prompts 2 8 16 --image-size 448 --new-tokens 256 --repeats 1 --bandwidth-tbs measure
 """
 import argparse
 import statistics
@@ -94,57 +103,118 @@ def timed(fn, device: str):
     return out, time.perf_counter() - start
 
 
+def measure_bandwidth(device: str, gib: float = 2.0) -> float:
+    """The card's achieved memory bandwidth in TB/s: a device-to-device copy of `gib` GiB reads
+    and writes each byte once (median of 5 copies after one warm-up)."""
+    src = torch.empty(int(gib * 2 ** 30), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = [timed(lambda: dst.copy_(src), device)[1] for _ in range(6)][1:]
+    return 2 * src.numel() / statistics.median(times) / 1e12
+
+
+def decode_bytes(model, rows: int, cache_len: float, dtype: torch.dtype) -> float:
+    """Bytes a decode step must read at least: the decoder's weights and the lm_head (the
+    vision tower does not run; of the embedding table only R rows are read) and the keys and
+    values of `cache_len` columns for every row and layer."""
+    text = model.model.language_model
+    weights = sum(p.numel() * p.element_size() for p in text.layers.parameters())
+    weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    cfg = text.cfg
+    kv = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * cfg.head_dim * cache_len
+    return weights + kv * torch.finfo(dtype).bits / 8
+
+
+def run_paths(hf, ours, cfg, batch, args, paths):
+    """({path: tokens [R, N] of its first timed run}, {path: [seconds of each run]}): each generator
+    warmed up by a short run (kernels, allocator), then --repeats runs, interleaved; ours also
+    {path + ' prefill': seconds of runs with max_new_tokens=1}."""
+    n, prompt_len = args.new_tokens, batch["input_ids"].shape[1]
+
+    def call(path, new_tokens):
+        if path == "transformers":
+            return hf.generate(**batch, mm_token_type_ids=(batch["input_ids"] == cfg.image_token_id).int(),
+                               max_new_tokens=new_tokens, do_sample=True, top_k=1,
+                               num_return_sequences=args.samples, pad_token_id=0)[:, prompt_len:]
+        return generate(ours, **batch, max_new_tokens=new_tokens, num_samples=args.samples, temperature=0,
+                        decode=path)[0]
+
+    out, times = {}, {}
+    with torch.no_grad():
+        for path in paths:
+            timed(lambda: call(path, min(n, 8)), args.device)
+        for _ in range(args.repeats):
+            for path in paths:
+                tokens, seconds = timed(lambda: call(path, n), args.device)
+                out.setdefault(path, tokens)
+                times.setdefault(path, []).append(seconds)
+                if path != "transformers":
+                    times.setdefault(path + " prefill", []).append(timed(lambda: call(path, 1), args.device)[1])
+    return out, times
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", help="tiny (widened as BENCH_OVERRIDES) or a real preset")
     ap.add_argument("--vocab", type=int, default=None, help="override vocab_size (default: the preset's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--prompts", type=int, nargs="+", default=[2],
+                    help="studies per batch; one measurement per value (rows = prompts x samples)")
     ap.add_argument("--samples", type=int, default=8, help="G completions per prompt")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--paths", nargs="+", default=None, choices=["transformers", "eager", "static", "graph"],
+                    help="generators to time (default: transformers, eager, static, and graph on CUDA)")
+    ap.add_argument("--bandwidth-tbs", default=None,
+                    help="memory bandwidth for the roofline, TB/s, or 'measure' (a device copy); "
+                         "required on CUDA, optional on the CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if cuda and args.bandwidth_tbs is None:
+        ap.error("--bandwidth-tbs is required on CUDA: the card's memory bandwidth in TB/s (from its "
+                 "data sheet), or 'measure' to time a device copy")
+    paths = args.paths or ["transformers", "eager", "static"] + (["graph"] if cuda else [])
     dtype = getattr(torch, args.dtype)
 
     hf, ours, cfg = build_models(args.preset, args.vocab, args.device, dtype, seed=0)
-    batch = make_batch(cfg, args.prompts, args.image_size, args.device, dtype, seed=1)
-    n, prompt_len = args.new_tokens, batch["input_ids"].shape[1]
-    run_hf = lambda: hf.generate(  # noqa: E731
-        **batch, mm_token_type_ids=(batch["input_ids"] == cfg.image_token_id).int(),
-        max_new_tokens=n, do_sample=True, top_k=1,
-        num_return_sequences=args.samples, pad_token_id=0)[:, prompt_len:]
-    run_ours = lambda: generate(  # noqa: E731
-        ours, **batch, max_new_tokens=n, num_samples=args.samples, temperature=0)[0]
-
-    with torch.no_grad():
-        expected, _ = timed(run_hf, args.device)  # warm-up runs, and the output check
-        got, _ = timed(run_ours, args.device)
-    match = (expected == got).float().mean().item()
-    if dtype == torch.float32:
-        assert torch.equal(expected, got), f"outputs differ: {match:.1%} of tokens equal"
-
-    times = {"transformers": [], "mrgr1": []}
-    for _ in range(args.repeats):
-        with torch.no_grad():
-            times["transformers"].append(timed(run_hf, args.device)[1])
-        times["mrgr1"].append(timed(run_ours, args.device)[1])
-    tokens = args.prompts * args.samples * n
+    bandwidth = None
+    if args.bandwidth_tbs is not None:
+        measured = args.bandwidth_tbs == "measure"
+        bandwidth = measure_bandwidth(args.device) if measured else float(args.bandwidth_tbs)
+        print(f"memory bandwidth for the roofline: {bandwidth:.2f} TB/s "
+              f"({'measured: device copy' if measured else 'given'})")
     t = cfg.text
     print(f"model: preset {args.preset}, {t.num_hidden_layers} layers, hidden {t.hidden_size}, vocab "
           f"{t.vocab_size}, vision depth {cfg.vision.depth}; {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"work: {args.prompts} prompts ({prompt_len} tokens padded, one {args.image_size}px image) x "
-          f"{args.samples} samples x {n} new tokens = {tokens} tokens; tokens equal: {match:.1%}")
-    median = {k: statistics.median(v) for k, v in times.items()}
-    for k, v in times.items():
-        print(f"{k:>12}: {tokens / median[k]:8.1f} tok/s  (median of {args.repeats}: "
-              f"{', '.join(f'{s:.2f}' for s in v)} s)")
-    print(f"speed-up mrgr1 / transformers: {median['transformers'] / median['mrgr1']:.2f}x")
+          f"{torch.get_num_threads()} threads" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
+    for prompts in args.prompts:
+        batch = make_batch(cfg, prompts, args.image_size, args.device, dtype, seed=1)
+        n, prompt_len, rows = args.new_tokens, batch["input_ids"].shape[1], prompts * args.samples
+        out, times = run_paths(hf, ours, cfg, batch, args, paths)
+        reference = out[paths[0]]
+        match = {p: (reference == out[p]).float().mean().item() for p in paths}
+        if dtype == torch.float32:
+            assert all(m == 1.0 for m in match.values()), f"outputs differ from {paths[0]}: {match}"
+        tokens = rows * n
+        print(f"\n{rows} rows: {prompts} prompts ({prompt_len} tokens padded, one {args.image_size}px image) x "
+              f"{args.samples} samples x {n} new tokens = {tokens} tokens")
+        median = {k: statistics.median(v) for k, v in times.items()}
+        for p in paths:
+            line = (f"{p:>12}: {tokens / median[p]:8.1f} tok/s  (median of {args.repeats}: "
+                    f"{', '.join(f'{s:.2f}' for s in times[p])} s; tokens equal to {paths[0]}: {match[p]:.1%})")
+            if "transformers" in paths and p != "transformers":
+                line += f"  {median['transformers'] / median[p]:.2f}x transformers"
+            if p != "transformers":
+                step_ms = (median[p] - median[p + " prefill"]) / (n - 1) * 1e3
+                line += f"; decode step {step_ms:.2f} ms"
+                if bandwidth:
+                    roof_ms = decode_bytes(ours, rows, prompt_len + n / 2, dtype) / (bandwidth * 1e12) * 1e3
+                    line += f", roofline {roof_ms:.2f} ms ({step_ms / roof_ms:.2f}x)"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,23 @@ most of the wall time. This generator
    the prompt never run G times;
 3. decodes one token per step for all B*G rows at once, each row at its own M-RoPE
    position (1 + the largest position of its prompt, + the step), sampling with
-   temperature / top-k / top-p from an optional `torch.Generator`;
+   temperature / top-k / top-p from an optional `torch.Generator`. The step is either
+   eager (the cache sliced to its filled columns) or static (`decode_one_token_static`:
+   the whole cache under a mask, the step's column and positions as device tensors,
+   sampling without host syncs), which on CUDA is recorded once as a CUDA graph and
+   replayed for every token (`record_graph`); all give the same tokens;
 4. stops a row at any of `eos_token_ids` (the EOS token is kept and masked 1, later
-   columns are `pad_token_id` and masked 0) and stops the loop once every row is done.
+   columns are `pad_token_id` and masked 0), goes on with the running rows only once at
+   most half of the batch runs (`keep_rows`), and stops once every row is done.
 
 Batches are left padded (as `mrgr1.processing.Processor` makes them): every row's last
 prompt token sits in the same column, so one cache length serves all rows, and a prompt
 gives the same completion inside a padded batch as alone.
 
 The function vocabulary (`prefill`, `decode_one_token`, `logits_to_probs`, `sample`)
-follows gpt-fast (github.com/pytorch-labs/gpt-fast, generate.py); the code is ours.
+and the static step replayed as a CUDA graph follow gpt-fast (github.com/pytorch-labs/gpt-fast,
+generate.py); the code is ours. How the static step works, and what is measured:
+docs/generation.md.
 The position rule is the one of Qwen2.5-VL (arXiv 2502.13923): text after the last image
 continues from the largest position used so far, on all three M-RoPE axes.
 
@@ -35,7 +42,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -51,6 +58,9 @@ STOP_CHECK_EVERY_ON_ACCELERATOR = 8
 #   static: static shapes (whole cache, a mask, the step's column and positions on the device).
 #   graph:  the static step recorded once as a CUDA graph and replayed every token (CUDA only).
 DECODE_MODES = ("auto", "eager", "static", "graph")
+# Compact the batch (go on with the running rows only) once at most this share of its rows runs:
+# the finished rows then cost nothing; copying the running rows' cache costs one read of it.
+COMPACT_AT = 0.5
 # Real steps run before recording the graph (cuBLAS handles, allocator pools settle).
 GRAPH_WARMUP_STEPS = 2
 
@@ -186,6 +196,7 @@ class Rows:
     logps: torch.Tensor            # [R, N] float32
     first_positions: torch.Tensor  # [R] long, M-RoPE position of the first new token
     key_mask: torch.Tensor         # [R, P+N] bool, False at the prompt's left padding
+    ids: torch.Tensor              # [R] long, each row's index in generate's output
 
 
 def take_token(rows: Rows, logits: torch.Tensor, how: Sampling) -> None:
@@ -245,6 +256,56 @@ def record_graph(step: Callable[[], None], generator: torch.Generator | None) ->
 
 
 # ----------------------------------------------------------------------------- the loop
+
+def decode_rest(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: int, decode: str,
+                max_new_tokens: int, check_every: int) -> Rows:
+    """Take tokens 1 .. max_new_tokens-1 of every row (rows.step is 1) with the chosen decode step;
+    returns the rows, all of them, with their completions. Every `check_every` tokens, one host
+    sync asks which rows still run: none -> stop; at most COMPACT_AT of the batch -> go on with
+    those rows only (their cache rows copied out; "graph" records a new graph for the new size)."""
+    out, taken = rows, 1
+    step, recorded = decode_step(model, rows, how, cache, prompt_len, decode), False
+    while taken < max_new_tokens:
+        if taken % check_every == 0:
+            running = (~rows.done).nonzero().squeeze(1)                          # [R'] (sync)
+            if len(running) == 0:
+                break
+            if len(running) <= COMPACT_AT * len(rows.done):
+                rows, cache = keep_rows(out, rows, running), cache.take_rows(running)
+                step, recorded = decode_step(model, rows, how, cache, prompt_len, decode), False
+        if decode == "graph" and not recorded and max_new_tokens - taken > GRAPH_WARMUP_STEPS:
+            step, recorded = record_graph(step, how.generator), True
+            taken += GRAPH_WARMUP_STEPS
+            continue
+        step()
+        taken += 1
+    store(out, rows)
+    return out
+
+
+def decode_step(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: int,
+                decode: str) -> Callable[[], None]:
+    """The chosen step as a function of no arguments, bound to these rows and this cache."""
+    if decode == "eager":
+        return lambda: eager_step(model, rows, how, cache, prompt_len)
+    cache.column = torch.zeros(1, dtype=torch.long, device=cache.k[0].device)
+    return lambda: static_step(model, rows, how, cache, prompt_len)
+
+
+def keep_rows(out: Rows, rows: Rows, running: torch.Tensor) -> Rows:
+    """New Rows holding only rows[running] (running [R'] long); what the others took so far is
+    stored in `out` first."""
+    store(out, rows)
+    return Rows(**{f.name: getattr(rows, f.name).clone() if f.name == "step"
+                   else getattr(rows, f.name).index_select(0, running) for f in fields(Rows)})
+
+
+def store(out: Rows, rows: Rows) -> None:
+    """Copy the record of `rows` (a compacted subset) into the full-size `out`, at rows.ids."""
+    if rows is not out:
+        for name in ("completions", "mask", "logps"):
+            getattr(out, name).index_copy_(0, rows.ids, getattr(rows, name))
+
 
 def check_inputs(input_ids, attention_mask, max_new_tokens, num_samples, temperature,
                  top_p, top_k, generator, decode) -> None:
@@ -341,22 +402,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             mask=torch.zeros(rows_n, max_new_tokens, dtype=torch.long, device=device),
             logps=torch.zeros(rows_n, max_new_tokens, dtype=torch.float32, device=device),
             first_positions=first_positions.repeat_interleave(num_samples),       # [B*G]
-            key_mask=torch.cat([prompt_mask, prompt_mask.new_ones(rows_n, max_new_tokens)], dim=1))
+            key_mask=torch.cat([prompt_mask, prompt_mask.new_ones(rows_n, max_new_tokens)], dim=1),
+            ids=torch.arange(rows_n, device=device))
         take_token(rows, logits.repeat_interleave(num_samples, dim=0), how)     # token 0
-
-        if decode == "eager":
-            step = lambda: eager_step(model, rows, how, cache, prompt_len)  # noqa: E731
-        else:
-            cache.column = torch.zeros(1, dtype=torch.long, device=device)
-            step = lambda: static_step(model, rows, how, cache, prompt_len)  # noqa: E731
-        taken = 1
-        while taken < max_new_tokens and not (taken % check_every == 0 and bool(rows.done.all())):
-            if decode == "graph" and max_new_tokens - taken > GRAPH_WARMUP_STEPS:
-                step, decode = record_graph(step, generator), "graph recorded"
-                taken += GRAPH_WARMUP_STEPS
-                continue
-            step()
-            taken += 1
+        rows = decode_rest(model, rows, how, cache, prompt_len, decode, max_new_tokens, check_every)
     finally:
         model.train(was_training)
     completions, mask = rows.completions, rows.mask

@@ -112,11 +112,14 @@ class KVCache:
         return self.k[0].shape[0]
 
     def repeat_rows(self, n: int) -> "KVCache":
-        """A new (dynamic) cache with row i copied to rows i*n .. i*n+n-1 (prompt-grouped, like
-        generate's output)."""
+        """A new cache with row i copied to rows i*n .. i*n+n-1 (prompt-grouped, like generate's output)."""
+        return self.take_rows(torch.arange(self.rows, device=self.k[0].device).repeat_interleave(n))
+
+    def take_rows(self, index: torch.Tensor) -> "KVCache":
+        """A new (dynamic) cache whose row j is a copy of row index[j]; index [R'] long."""
         new = KVCache.__new__(KVCache)
-        new.k = [k.repeat_interleave(n, dim=0) for k in self.k]
-        new.v = [v.repeat_interleave(n, dim=0) for v in self.v]
+        new.k = [k.index_select(0, index) for k in self.k]
+        new.v = [v.index_select(0, index) for v in self.v]
         new.length, new.max_len, new.column = self.length, self.max_len, None
         return new
 

@@ -142,3 +142,25 @@ def test_graph_tokens_and_samples_equal_eager_on_cuda(models, batch):
         for mode in ("static", "graph"):
             assert torch.equal(out[mode][0], out["eager"][0]), (mode, kwargs)
             assert torch.equal(out[mode][1], out["eager"][1]), (mode, kwargs)
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_compacting_finished_rows_changes_no_greedy_token(models, batch, monkeypatch, decode):
+    """Once at most half of the rows run, generate goes on with those rows only; the lm_head then sees
+    fewer rows, and every row's tokens are those of the uncompacted run."""
+    from mrgr1 import generate as generate_module
+
+    _, model = models
+    eos = eos_ids_hit_at_different_steps(model, batch, 10)  # prompt r: its greedy token at step 2 + r
+    runs = {}
+    for compact_at in (0.0, 0.5):
+        monkeypatch.setattr(generate_module, "COMPACT_AT", compact_at)
+        rows_seen = []
+        handle = model.lm_head.register_forward_hook(lambda mod, args, out: rows_seen.append(out.shape[0]))
+        try:
+            runs[compact_at] = ours(model, batch, 10, temperature=0, num_samples=2, eos_token_ids=eos, decode=decode)
+        finally:
+            handle.remove()
+        runs[compact_at, "rows"] = rows_seen
+    assert max(runs[0.0, "rows"][1:]) == 6 and min(runs[0.5, "rows"][1:]) < 6  # compaction happened
+    assert torch.equal(runs[0.5][0], runs[0.0][0]) and torch.equal(runs[0.5][1], runs[0.0][1])
