@@ -7,7 +7,8 @@
 #   2. parity of our Qwen2.5-VL with transformers' at the 7B shapes                  benchmarks/parity_real_size.py
 #   3. rollout throughput at 16, 64, 128 rows, with the roofline per decode step     benchmarks/bench_generate.py
 #   4. one GRPO step at the 7B shapes, time and peak memory per phase                 benchmarks/bench_grpo_step.py
-# Each command's full output goes to $LOG_DIR/<name>.log; this script prints one summary line per
+# Each command's full output goes to $LOG_DIR/<name>.log (default $OUT/gpu_check, else
+# /tmp/mrgr1_gpu_check: on the lent machine $OUT comes back to the session); this script prints one summary line per
 # figure ("== name: ..."), and for a command that fails or runs out of time a FAILED line with its
 # last output line, then goes on with the next.
 #
@@ -17,9 +18,9 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
-LOG_DIR=${LOG_DIR:-gpu_check_logs}
+LOG_DIR=${LOG_DIR:-${OUT:-/tmp/mrgr1_gpu_check}/gpu_check}
 mode=${1:-gpu}
-mkdir -p "$LOG_DIR"
+[ "$mode" != "--dry-run" ] && mkdir -p "$LOG_DIR"
 
 if [ "$mode" = "--cpu" ]; then
     TEST=(python -m pytest -q tests/test_static_decode.py -k "cuda or static_samples")
