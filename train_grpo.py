@@ -170,14 +170,18 @@ def check_flags(args) -> None:
         raise UsageError("invalid " + "; ".join(problems))
 
 
-def check_sizes(args, n_train: int) -> None:
-    """Flags that must fit the data and the number of ranks."""
+def check_ranks(args) -> None:
+    """Batch sizes that must split evenly over the ranks (torchrun), checked before any rank waits."""
     sizes = [(args.batch_size, "--batch-size")] + ([(args.sft_batch_size, "--sft-batch-size")] if args.sft_steps else [])
     for n, flag in sizes:
         try:
             distributed.check_divisible(n, flag)
         except ValueError as e:
             raise UsageError(str(e)) from None
+
+
+def check_sizes(args, n_train: int) -> None:
+    """Flags that must fit the data."""
     if args.batch_size > n_train:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {n_train} training studies of "
                          f"{args.dataset}; choose at most {n_train}")
@@ -352,6 +356,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     check_flags(args)
     device = distributed.init(args.device)  # several ranks (torchrun): join them, cuda:LOCAL_RANK
+    check_ranks(args)
     claim_output_dir(args)  # a fresh run never reuses another run's SFT model or checkpoints
     os.makedirs(args.output_dir, exist_ok=True)
     resume_from = checkpoint.find_latest(args.output_dir) if args.resume else None
