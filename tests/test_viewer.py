@@ -1,0 +1,241 @@
+"""mrgr1/viewer.py and mrgr1/tracking.py: rollout pages, the index, curves, the eval report, TensorBoard.
+
+The rollout is a stand-in with trainer.Rollout's field names and hand-chosen values (advantages
+that are NOT what group_advantages would give, to show the page takes them as they are).
+"""
+import html.parser
+import json
+import os
+import types
+
+import pytest
+import torch
+from PIL import Image
+
+from mrgr1 import tracking, viewer
+from mrgr1.data import Study
+
+G = 4
+
+
+class Page(html.parser.HTMLParser):
+    """Collects the completion rows (their data-* attributes), the referenced files and the text."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.sources, self.text, self.open = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag not in ("img", "br", "meta", "rect", "polyline", "div"):
+            self.open.append(tag)
+        if tag == "tr" and "data-row" in attrs:
+            self.rows.append(attrs)
+        for key in ("src", "href"):
+            if attrs.get(key) and not attrs[key].startswith(("data:", "#")):
+                self.sources.append(attrs[key])
+
+    def handle_endtag(self, tag):
+        if tag in ("img", "br", "meta", "rect", "polyline", "div"):
+            return
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes <{self.open[-1] if self.open else None}>"
+        self.open.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(path):
+    page = Page()
+    with open(path, encoding="utf-8") as f:
+        page.feed(f.read())
+    page.close()
+    assert page.open == [], f"unclosed tags {page.open}"
+    page.text = " ".join(page.text)
+    folder = os.path.dirname(path)
+    missing = [s for s in page.sources if not os.path.exists(os.path.join(folder, s))]
+    assert missing == [], f"{path} links files that do not exist: {missing}"
+    return page
+
+
+def image(path, size=(60, 50)):
+    Image.new("L", size, 128).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def studies(tmp_path):
+    return [Study(id=f"s{b}", report=f"Reference report {b}. No effusion.",
+                  image_paths=[image(tmp_path / f"s{b}-{v}.png") for v in range(2)], split="train")
+            for b in range(2)]
+
+
+@pytest.fixture
+def rollout():
+    """Study 0: four different rewards; study 1: four equal rewards (zero spread)."""
+    rewards = torch.tensor([0.25, 0.95, 0.5, 0.0, 0.625, 0.625, 0.625, 0.625])
+    labels = torch.zeros(2 * G, 14, dtype=torch.long)
+    labels[1, 1] = 1  # completion 1 finds cardiomegaly, as the reference does
+    labels[2, 9] = 3  # completion 2: uncertain effusion, the reference says negative
+    ref = torch.zeros(2 * G, 14, dtype=torch.long)
+    ref[:G, 1], ref[:, 9] = 1, 2
+    mask = torch.zeros(2 * G, 10, dtype=torch.long)
+    for i, n in enumerate([3, 10, 7, 5, 4, 4, 4, 4]):
+        mask[i, :n] = 1
+    return types.SimpleNamespace(
+        texts=["<think>heart</think><report>Normal.</report>",
+               "<think>big heart</think><report>Cardiomegaly. No effusion.</report>",
+               "<think>maybe fluid</think><report>Possible effusion.</report>",
+               "Normal chest, no tags at all.", *["<think>a</think><report>Clear lungs.</report>"] * G],
+        rewards=rewards,
+        reward_parts={"mccs": torch.tensor([0.0, 1.0, 0.4, 0.0] + [0.5] * G),
+                      "format": torch.tensor([1.0, 1.0, 1.0, 0.0] + [1.0] * G)},
+        advantages=torch.tensor([-0.3125, 1.3125, 0.5, -1.5, 0.0, 0.0, 0.0, 0.0]),
+        truncated=torch.tensor([False, True, False, False] + [False] * G),
+        completion_mask=mask, labels=labels, ref_labels=ref,
+        ccs=torch.tensor([0.5, 1.0, 0.7, 0.0] + [0.75] * G))
+
+
+def test_rollout_page_shows_each_completions_reward_and_advantage_in_advantage_order(tmp_path, rollout, studies):
+    path = viewer.write_rollout_page(str(tmp_path / "run"), 10, rollout, studies)
+    assert path == str(tmp_path / "run" / "rollouts" / "step-000010.html")
+    rows = parse(path).rows
+    assert sorted(int(r["data-row"]) for r in rows) == list(range(2 * G))  # each completion once
+    for r in rows:
+        i = int(r["data-row"])
+        assert float(r["data-advantage"]) == float(rollout.advantages[i])
+        assert float(r["data-reward"]) == float(rollout.rewards[i])
+    first_group = [int(r["data-row"]) for r in rows[:G]]
+    assert first_group == [1, 2, 0, 3]  # advantages 1.3125, 0.5, -0.3125, -1.5
+
+
+def test_rollout_page_prints_the_numbers_of_each_completion(tmp_path, rollout, studies):
+    text = parse(viewer.write_rollout_page(str(tmp_path), 1, rollout, studies)).text
+    for i in range(G):
+        for shown in (f"{float(rollout.advantages[i]):+.4f}", f"{float(rollout.rewards[i]):.4f}",
+                      f"{float(rollout.ccs[i]):.4f}", f"{float(rollout.reward_parts['mccs'][i]):.4f}"):
+            assert shown in text
+    assert "malformed: format reward 0" in text  # completion 3 has no tags
+
+
+def test_a_zero_spread_group_is_marked_and_the_other_is_not(tmp_path, rollout, studies):
+    with open(viewer.write_rollout_page(str(tmp_path), 1, rollout, studies), encoding="utf-8") as f:
+        page = f.read()
+    first, second = page.split('id="study-s1"')
+    assert "No signal from this study" not in first
+    assert "No signal from this study: all 4 completions earned reward 0.6250" in second
+
+
+def test_label_chips_mark_the_codes_that_differ_from_the_reference(rollout):
+    row = viewer.chips(rollout.labels[2], rollout.ref_labels[2])
+    chips = row.split("</span>")[:-1]
+    assert len(chips) == 14
+    differing = [c for c, html in enumerate(chips) if " diff" in html]
+    assert differing == [1, 9]  # cardiomegaly missed, effusion uncertain instead of negative
+    assert 'class="chip c3 diff" title="Pleural Effusion: uncertain (reference: negative)"' in chips[9]
+
+
+def test_completion_text_tells_think_report_and_stray_text_apart():
+    shown = viewer.completion_html("<think>a &lt;</think> <report>b</report> thanks")
+    assert '<span class="think">a &amp;lt;</span>' in shown
+    assert '<span class="report">b</span>' in shown
+    assert '<span class="stray"> thanks</span>' in shown
+
+
+def test_index_links_every_step_page_and_draws_the_curves(tmp_path, rollout, studies):
+    out = str(tmp_path)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        for step in (1, 2):
+            f.write(json.dumps({"step": step, "reward": 0.1 * step, "rewards/mccs/mean": 0.1,
+                                "rewards/format/mean": 1.0, "reward_std": 0.2, "frac_reward_zero_std": 0.5,
+                                "completions/mean_length": 9.0, "completions/clipped_ratio": 0.0,
+                                "clip_ratio/region_mean": 0.0}) + "\n")
+    for step in (1, 2):
+        viewer.write_rollout_page(out, step, rollout, studies)
+    page = parse(viewer.write_index(out, {"before": {"ce_micro/f1": 0.25}, "after": {"ce_micro/f1": 0.5}}))
+    assert sorted(page.sources) == ["step-000001.html", "step-000002.html"]
+    assert "test CE-F1 (micro) before GRPO 0.2500 -> after GRPO 0.5000" in page.text
+    assert "no KL term" in page.text  # kl not logged: the panel says why it is empty
+    assert "no token was clipped" in page.text
+
+
+def test_every_curve_panel_has_a_line_or_says_why_not():
+    rows = [{"step": s, "reward": 0.5, "kl": 0.0, "completions/mean_length": 7.0} for s in (1, 2, 3)]
+    for title, series, empty in viewer.curve_panels(rows):
+        assert bool(series) != bool(empty), title
+    assert viewer.curve_panels([])[0][2] == "no steps logged yet"
+
+
+def test_moving_average_is_the_mean_of_the_last_window_values():
+    assert viewer.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "reward": s / 10, "kl": 0.01 * s}) + "\n" for s in range(1, 6)))
+    out = viewer.plot_curves(str(log), str(tmp_path / "curves.png"), {"after": {"ce_micro/f1": 0.5}})
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def eval_records(n):
+    return [{"id": f"t{k}", "reference": "No effusion.", "generated": "<think>x</think><report>Effusion.</report>",
+             "report": "Effusion.", "report_labels": [0] * 9 + [1] + [0] * 4,
+             "reference_labels": [0] * 9 + [2] + [0] * 3 + [1]} for k in range(n)]
+
+
+def test_eval_report_lists_every_study_once_and_writes_its_chart(tmp_path):
+    pytest.importorskip("matplotlib")
+    from mrgr1.metrics import ce_scores
+
+    records = eval_records(3)
+    scores = ce_scores(torch.tensor([r["report_labels"] for r in records]),
+                       torch.tensor([r["reference_labels"] for r in records]))
+    views = {"t1": [image(tmp_path / "v.png")]}
+    path = viewer.write_eval_report(str(tmp_path / "eval"), records, scores, labeler="rules", image_paths=views)
+    with open(path, encoding="utf-8") as f:
+        page = f.read()
+    parse(path)  # parses; every linked file (chart, the one view) exists
+    assert [page.count(f'id="study-t{k}"') for k in range(3)] == [1, 1, 1]
+    assert os.path.isfile(tmp_path / "eval" / "per_observation.png")
+    assert page.count("12 of 14 observations agree") == 3  # effusion and no finding differ
+    assert "ce_micro" in page  # the CE table as format_table prints it
+
+
+def test_eval_report_without_matplotlib_draws_the_chart_inline(tmp_path, monkeypatch):
+    import builtins
+    from mrgr1.metrics import ce_scores
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    records = eval_records(2)
+    scores = ce_scores(torch.tensor([r["report_labels"] for r in records]),
+                       torch.tensor([r["reference_labels"] for r in records]))
+    path = viewer.write_eval_report(str(tmp_path), records, scores)
+    assert not os.path.exists(tmp_path / "per_observation.png")
+    assert "Pleural Effusion (0)" in parse(path).text  # the inline SVG names each observation
+
+
+def test_tensorboard_event_file_holds_the_logged_scalar_names(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = tracking.start("tensorboard", str(tmp_path))
+    stats = {"step": 1, "reward": 0.5, "rewards/mccs/mean": 0.25, "clip_ratio/low_mean": 0.0}
+    log(stats, sample="<think>a</think><report>b</report>")
+    log({**stats, "step": 2, "reward": 0.75})
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"reward", "rewards/mccs/mean", "clip_ratio/low_mean"}
+    assert [e.value for e in events.Scalars("reward")] == [0.5, 0.75]
+
+
+def test_report_to_none_starts_nothing(tmp_path):
+    assert tracking.start("none", str(tmp_path)) is None
+    assert not os.path.exists(tmp_path / "runs")
