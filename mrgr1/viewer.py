@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import textwrap
 
 from PIL import Image
 
@@ -309,7 +310,7 @@ def plot_curves(log_path: str, out: str, results: dict | None = None) -> str | N
     for ax, (title, series, empty) in zip(axes.flat, curve_panels(rows)):
         ax.set_title(title, fontsize=10)
         if empty:
-            ax.text(0.5, 0.5, empty, ha="center", va="center", wrap=True, fontsize=9, color="#555",
+            ax.text(0.5, 0.5, textwrap.fill(empty, 42), ha="center", va="center", fontsize=9, color="#555",
                     transform=ax.transAxes)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -401,11 +402,11 @@ def bar_chart(per_observation: dict, out_png: str) -> str:
     for k, m in enumerate(metrics):
         ax.bar([i + (k - 1) * 0.27 for i in range(len(names))], [per_observation[n][m] for n in names],
                width=0.27, color=COLOURS[k], label=m)
-    ax.set_xticks(range(len(names)), [f"{n}\n({per_observation[n]['support']})" for n in names],
-                  rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_title("per observation, positive only (reference positives in brackets)", fontsize=10)
-    ax.legend(fontsize=8, ncol=3)
+    ax.set_xticks(range(len(names)), [f"{n} ({per_observation[n]['support']})" for n in names],
+                  rotation=30, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("per observation, positive only (in brackets: reference positives)", fontsize=10)
+    ax.legend(fontsize=8, ncol=3, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(out_png, dpi=80)
     plt.close(fig)
@@ -440,12 +441,12 @@ def _agreement(reference, generated) -> str:
 
 def _eval_study(record: dict, image_paths: list, folder: str, n: int, open_: bool) -> str:
     ref, gen = record["reference_labels"], record["report_labels"]
-    agree = sum(int(a) == int(b) for a, b in zip(ref, gen))
+    differ = [SHORT_NAMES[c] for c, (a, b) in enumerate(zip(ref, gen)) if int(a) != int(b)]
     views = "".join(thumbnail(p, 96, folder, f"{n}-{v}") for v, p in enumerate(image_paths))
     text = record.get("generated", record["report"])
     return (f'<details{" open" if open_ else ""} id="study-{html.escape(record["id"])}">'
-            f'<summary><b>{html.escape(record["id"])}</b> <span class="muted">{agree}/{len(ref)} labels '
-            f"agree</span></summary>"
+            f'<summary><b>{html.escape(record["id"])}</b> <span class="muted">{len(ref) - len(differ)}/{len(ref)} labels '
+            f"agree{'; differ: ' + ', '.join(differ) if differ else ''}</span></summary>"
             f'<div class="top"><div class="views">{views}</div><div class="text">'
             f"<b>Reference</b><br>{html.escape(record['reference'])}<br><b>Generated</b><br>"
             f'<span class="completion">{completion_html(text)}</span>{_agreement(ref, gen)}</div></div></details>')
