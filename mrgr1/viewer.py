@@ -125,6 +125,7 @@ def thumbnail(path: str, height: int = 120, folder: str | None = None, name: str
     written there as <name>.jpg and linked relatively (for pages with hundreds of studies)."""
     try:
         with Image.open(path) as im:
+            im.draft("RGB", (4 * height, height))  # JPEG: decode at a reduced scale (fast on MIMIC-CXR)
             im = im.convert("RGB")
             im.thumbnail((4 * height, height))
     except (OSError, SyntaxError) as e:
@@ -445,8 +446,9 @@ def _eval_study(record: dict, image_paths: list, folder: str, n: int, open_: boo
     views = "".join(thumbnail(p, 96, folder, f"{n}-{v}") for v, p in enumerate(image_paths))
     text = record.get("generated", record["report"])
     return (f'<details{" open" if open_ else ""} id="study-{html.escape(record["id"])}">'
-            f'<summary><b>{html.escape(record["id"])}</b> <span class="muted">{len(ref) - len(differ)}/{len(ref)} labels '
-            f"agree{'; differ: ' + ', '.join(differ) if differ else ''}</span></summary>"
+            f'<summary><b>{html.escape(record["id"])}</b> <span class="muted">'
+            f"{len(ref) - len(differ)}/{len(ref)} labels agree{'; differ: ' + ', '.join(differ) if differ else ''}"
+            "</span></summary>"
             f'<div class="top"><div class="views">{views}</div><div class="text">'
             f"<b>Reference</b><br>{html.escape(record['reference'])}<br><b>Generated</b><br>"
             f'<span class="completion">{completion_html(text)}</span>{_agreement(ref, gen)}</div></div></details>')

@@ -239,3 +239,20 @@ def test_tensorboard_event_file_holds_the_logged_scalar_names(tmp_path):
 def test_report_to_none_starts_nothing(tmp_path):
     assert tracking.start("none", str(tmp_path)) is None
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_evaluate_writes_the_report_from_a_predictions_file(tmp_path):
+    import evaluate
+
+    records = eval_records(3)
+    for r in records[:2]:
+        del r["generated"]  # other systems' files may hold the report only
+    with open(tmp_path / "preds.jsonl", "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    evaluate.main(["--predictions", str(tmp_path / "preds.jsonl"), "--labeler", "rules"])
+    parse(str(tmp_path / "report.html"))
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert [page.count(f'id="study-t{k}"') for k in range(3)] == [1, 1, 1]
+    evaluate.main(["--predictions", str(tmp_path / "preds.jsonl"), "--output-dir", str(tmp_path / "no"),
+                   "--no-html"])
+    assert not os.path.exists(tmp_path / "no" / "report.html")
