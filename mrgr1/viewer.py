@@ -275,8 +275,8 @@ def curve_panels(rows: list[dict]) -> list[tuple[str, list, str | None]]:
               "kl is 0 at every step: the policy has not left the reference"),
         panel("clipped tokens", [("clip_ratio/region_mean", "either side"), ("clip_ratio/low_mean", "low"),
                                  ("clip_ratio/high_mean", "high")], "clip ratio not logged",
-              "no token was clipped at any step: with one update per batch (--num-iterations 1) "
-              "the ratio is exactly 1"),
+              "no token was clipped at any step (with one update per batch, --num-iterations 1, "
+              "the ratio is exactly 1 and nothing can be clipped)"),
         panel("completion length (tokens)", [("completions/mean_length", "mean length")], none),
         panel("truncated completions", [("completions/clipped_ratio", "share without EOS")], none,
               "no completion was truncated: every one ended with EOS"),
@@ -297,14 +297,22 @@ def _window(n: int) -> int:
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
 
 
-def plot_curves(log_path: str, out: str, results: dict | None = None) -> str | None:
-    """The curves of a run's metrics.jsonl as a PNG (raw values faint, moving average bold, the
-    before/after test CE-F1 in the title); None when matplotlib is not installed."""
+def _pyplot():
+    """matplotlib.pyplot drawing to files, or None when matplotlib is not installed (optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_curves(log_path: str, out: str, results: dict | None = None) -> str | None:
+    """The curves of a run's metrics.jsonl as a PNG (raw values faint, moving average bold, the
+    before/after test CE-F1 in the title); None when matplotlib is not installed."""
+    plt = _pyplot()
+    if plt is None:
         return None
     rows = read_metrics(log_path)
     fig, axes = plt.subplots(2, 3, figsize=(14, 6.5))
@@ -393,11 +401,8 @@ def bar_chart(per_observation: dict, out_png: str) -> str:
     without matplotlib."""
     names = list(per_observation)
     metrics = ("precision", "recall", "f1")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return _svg_bars(per_observation, metrics)
     fig, ax = plt.subplots(figsize=(12, 3.6))
     for k, m in enumerate(metrics):
