@@ -27,7 +27,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from mrgr1 import checkpoint, data, distributed, lora, pipeline, processing, trainer
+from mrgr1 import checkpoint, data, distributed, lora, pipeline, processing, tracking, trainer, viewer
 from mrgr1.metrics import format_table
 
 # Defaults that differ between the demo (demo model, CPU, minutes) and a real run. None of the real
@@ -101,7 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0)
     a("--output-dir", default=None, help="default runs/<dataset>")
     a("--save-every", type=int, default=None)
-    a("--sample-every", type=int, default=10, help="print a sample completion every N steps")
+    a("--sample-every", type=int, default=10, help="every N steps and at the last: print a sample completion "
+      "and write the rollout page <output-dir>/rollouts/step-N.html (docs/viewer.md; 0 = never)")
+    a("--report-to", default="none", choices=tracking.REPORT_TO, help="also log the metrics to TensorBoard "
+      "in <output-dir>/runs (pip install -e '.[tensorboard]')")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir (the "
       "flags that change the run must be the checkpoint's)")
     a("--overwrite", action="store_true", help="start afresh in an --output-dir that holds an earlier run "
@@ -406,6 +409,7 @@ def main(argv=None) -> dict:
     log_path = os.path.join(args.output_dir, "metrics.jsonl")
     if distributed.is_main():  # rows a crashed run logged after its checkpoint are logged again
         checkpoint.drop_metrics_after(log_path, state["step"])
+    log_to = tracking.start(args.report_to, args.output_dir) if distributed.is_main() else None
 
     def save(step):
         return checkpoint.save_checkpoint(
@@ -439,17 +443,21 @@ def main(argv=None) -> dict:
             stats = {"step": step + 1, **distributed.mean_across_ranks(stats),
                      "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
             interrupted = distributed.any_rank(interrupted)  # every rank stops at the same step
+            sample = args.sample_every and ((step + 1) % args.sample_every == 0 or step + 1 == steps)
             if distributed.is_main():
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(stats) + "\n")
+                if log_to:
+                    log_to(stats, sample=rollout.texts[0] if sample else None)
             shown = {"reward": f"{stats['reward']:.3f}", "len": f"{stats['completions/mean_length']:.0f}"}
             shown.update({name: f"{stats[key]:.{digits}f}" for name, key, digits in (
                 (args.reward, f"rewards/{args.reward}/mean", 3), ("kl", "kl", 4)) if key in stats})
             if args.num_iterations > 1:  # on-policy (mu = 1) the ratio is 1 and nothing is clipped
                 shown["clip"] = f"{stats['clip_ratio/region_mean']:.3f}"
             bar.set_postfix(shown)  # kl only with a KL term (beta != 0), as in TRL's logs
-            if args.sample_every and (step + 1) % args.sample_every == 0 and distributed.is_main():
+            if sample and distributed.is_main():
                 tqdm.write(f"[step {step + 1}] reward {rollout.rewards[0]:.3f}: {rollout.texts[0][:300]}")
+                viewer.write_rollout_page(args.output_dir, step + 1, rollout, studies, stats)
             if ((step + 1) % args.save_every == 0 or step + 1 == steps or interrupted) and distributed.is_main():
                 save(step + 1)
             if interrupted:
@@ -471,7 +479,8 @@ def main(argv=None) -> dict:
             if "before" in results:
                 print(before_after(results["before"], results["after"]))
     if distributed.is_main():
-        plot_curves(log_path, os.path.join(args.output_dir, "curves.png"))
+        viewer.plot_curves(log_path, os.path.join(args.output_dir, "curves.png"), results)
+        viewer.write_index(args.output_dir, results)  # rollouts/index.html; the last line stays the outcome
     return results
 
 
@@ -481,26 +490,6 @@ def before_after(before: dict, after: dict) -> str:
     if "sampled/reward" in before:
         line += f", the sampled reward {before['sampled/reward']:.4f} -> {after['sampled/reward']:.4f}"
     return line
-
-
-def plot_curves(log_path: str, out: str) -> None:
-    """Reward, KL and completion length per step as a PNG, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    with open(log_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-    for ax, key in zip(axes, ("reward", "kl", "completions/mean_length")):
-        ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows])
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
 
 
 def command_line(argv: list[str]) -> None:

@@ -256,3 +256,55 @@ def test_evaluate_writes_the_report_from_a_predictions_file(tmp_path):
     evaluate.main(["--predictions", str(tmp_path / "preds.jsonl"), "--output-dir", str(tmp_path / "no"),
                    "--no-html"])
     assert not os.path.exists(tmp_path / "no" / "report.html")
+
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step train_grpo.py run on a drawn demo set, logging to TensorBoard when installed:
+    (output folder, the rollout of each step as grpo_step returned it)."""
+    import importlib.util
+
+    import train_grpo
+    from mrgr1 import synthetic, trainer
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    root = synthetic.generate(str(tmp / "demo"), n_train=4, n_val=0, n_test=2, image_size=56, seed=0)
+    rollouts, real = [], trainer.grpo_step
+
+    def recording(*args, **kwargs):
+        stats, rollout = real(*args, **kwargs)
+        rollouts.append(rollout)
+        return stats, rollout
+    report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "grpo_step", recording)
+        train_grpo.main(["--dataset", "demo", "--data-root", root, "--output-dir", str(tmp / "run"),
+                         "--sft-steps", "0", "--num-generations", "2", "--batch-size", "2", "--max-new-tokens",
+                         "8", "--eval-limit", "0", "--lora-rank", "4", "--steps", "2", "--sample-every", "1",
+                         "--report-to", report_to])
+    return tmp / "run", rollouts
+
+
+def test_a_two_step_run_writes_the_page_of_what_each_step_trained_on(tiny_run):
+    out, rollouts = tiny_run
+    index = parse(str(out / "rollouts" / "index.html"))
+    assert {"step-000001.html", "step-000002.html"} <= set(index.sources)
+    for step, rollout in enumerate(rollouts, start=1):
+        rows = parse(str(out / "rollouts" / f"step-{step:06d}.html")).rows
+        assert {int(r["data-row"]): (float(r["data-reward"]), float(r["data-advantage"])) for r in rows} == {
+            i: (float(rollout.rewards[i]), float(rollout.advantages[i])) for i in range(len(rollout.texts))}
+
+
+def test_report_to_tensorboard_logs_every_metric_under_its_metrics_jsonl_name(tiny_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = tiny_run
+    with open(out / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(logged[0]) - {"step"}
+    assert [e.value for e in events.Scalars("reward")] == pytest.approx([r["reward"] for r in logged])
+    assert events.Tags()["tensors"] == ["sample/text_summary"]  # a text sample per logged step
