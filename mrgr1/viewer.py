@@ -291,7 +291,12 @@ def ce_summary(results: dict | None) -> str:
 
 
 def _window(n: int) -> int:
-    return max(1, min(25, n // 8))  # ours: 5 steps for the 40-step demo
+    """Moving-average window for n logged steps (ours): an eighth of them, from 2 to 25 steps."""
+    return max(2, min(25, n // 8))
+
+
+def smoothing_note(n: int) -> str:
+    return f"faint: each step; bold: mean of the last {_window(n)} steps"
 
 
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
@@ -330,9 +335,7 @@ def plot_curves(log_path: str, out: str, results: dict | None = None) -> str | N
             ax.plot(steps, moving_average(values, window), color=colour, linewidth=2, label=label)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    window = _window(len(rows))
-    fig.suptitle("   ".join(s for s in (ce_summary(results), f"faint: each step; bold: mean of the last "
-                                        f"{window} steps") if s), fontsize=11)
+    fig.suptitle("   ".join(s for s in (ce_summary(results), smoothing_note(len(rows))) if s), fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -381,7 +384,7 @@ def write_index(output_dir: str, results: dict | None = None) -> str:
     body = [f"<h1>GRPO run {html.escape(os.path.basename(os.path.abspath(output_dir)))}</h1>"]
     if ce_summary(results):
         body.append(f"<p><b>{html.escape(ce_summary(results))}</b></p>")
-    body.append(f'<p class="muted">Faint: each step; bold: mean of the last {_window(len(rows))} steps.</p>')
+    body.append(f'<p class="muted">{smoothing_note(len(rows)).capitalize()}.</p>')
     body.append("<div>" + "".join(svg_panel(*p) for p in curve_panels(rows)) + "</div>")
     if os.path.isfile(os.path.join(output_dir, "curves.png")):
         body.append('<p>The same curves with matplotlib: <a href="../curves.png">curves.png</a></p>')
