@@ -281,8 +281,8 @@ def tiny_run(tmp_path_factory):
         mp.setattr(trainer, "grpo_step", recording)
         train_grpo.main(["--dataset", "demo", "--data-root", root, "--output-dir", str(tmp / "run"),
                          "--sft-steps", "0", "--num-generations", "2", "--batch-size", "2", "--max-new-tokens",
-                         "8", "--eval-limit", "0", "--lora-rank", "4", "--steps", "2", "--sample-every", "1",
-                         "--report-to", report_to])
+                         "8", "--eval-limit", "0", "--lora-rank", "4", "--num-iterations", "1", "--steps", "2",
+                         "--sample-every", "1", "--report-to", report_to])
     return tmp / "run", rollouts
 
 
