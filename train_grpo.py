@@ -114,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    if tracking.missing_package(args.report_to):  # before any work
+        p.error(tracking.missing_package(args.report_to))
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
     return args
 

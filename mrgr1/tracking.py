@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 REPORT_TO = ("none", "tensorboard")
@@ -35,6 +36,13 @@ def tensorboard(log_dir: str):
             writer.add_text("sample", "    " + sample.replace("\n", "\n    "), step)
         writer.flush()  # a crashed run keeps what was logged
     return log
+
+
+def missing_package(report_to: str) -> str | None:
+    """What to install before logging to report_to; None when nothing is missing."""
+    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        return "--report-to tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"
+    return None
 
 
 def start(report_to: str, output_dir: str):

@@ -308,3 +308,16 @@ def test_report_to_tensorboard_logs_every_metric_under_its_metrics_jsonl_name(ti
     assert set(events.Tags()["scalars"]) == set(logged[0]) - {"step"}
     assert [e.value for e in events.Scalars("reward")] == pytest.approx([r["reward"] for r in logged])
     assert events.Tags()["tensors"] == ["sample/text_summary"]  # a text sample per logged step
+
+
+def test_report_to_tensorboard_without_the_package_stops_before_any_work(monkeypatch, capsys):
+    import importlib.util
+
+    import train_grpo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(SystemExit) as info:
+        train_grpo.parse_args(["--report-to", "tensorboard"])
+    assert info.value.code == 2
+    assert "pip install -e '.[tensorboard]'" in capsys.readouterr().err
