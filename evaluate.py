@@ -19,13 +19,13 @@ Outputs in --output-dir:
                         interrupted one stopped.
     eval_config.json    the flags that decide the predictions (a resume must match them), the
                         image resolution (min_pixels, max_pixels) included.
+    metrics.json        the scores (the dict main() returns).
+    report.html         the same tables, a per-observation chart and every study (mrgr1/viewer.py);
+                        --no-html skips it.
 
 Image resolution: --min-pixels / --max-pixels, else the values the training run of --adapter or
 --policy used (its train_config.json), else the default (at most 448x448 px per view; 84x84 for
 the demo), never the range in the checkpoint's preprocessor_config.json (docs/real-data.md).
-    metrics.json        the scores (the dict main() returns).
-    report.html         the same tables, a per-observation chart and every study (mrgr1/viewer.py);
-                        --no-html skips it.
 
 --predictions FILE scores a file in the format above without a model. Only "id", "reference" and
 "generated" or "report" are required, so other systems' outputs are scored the same way; labels
