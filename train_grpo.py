@@ -482,7 +482,8 @@ def main(argv=None) -> dict:
                 print(before_after(results["before"], results["after"]))
     if distributed.is_main():
         viewer.plot_curves(log_path, os.path.join(args.output_dir, "curves.png"), results)
-        viewer.write_index(args.output_dir, results)  # rollouts/index.html; the last line stays the outcome
+        if args.sample_every:  # the index of the rollout pages, with the curves and the CE-F1
+            viewer.write_index(args.output_dir, results)
     return results
 
 
