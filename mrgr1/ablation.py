@@ -284,14 +284,26 @@ def collect(args) -> dict:
     return table
 
 
+def settings_line(settings: argparse.Namespace, extra_steps: int) -> str:
+    """The training settings every row shares, as train_grpo.py resolved them."""
+    return (f"SFT start: {settings.sft_steps} steps of {settings.sft_batch_size} studies (lr {settings.sft_lr}). "
+            f"GRPO: {settings.steps} steps of {settings.batch_size} studies x {settings.num_generations} "
+            f"completions, lr {settings.lr}, beta {settings.beta}, {settings.num_iterations} update(s) per "
+            f"batch, LoRA rank {settings.lora_rank}, T {settings.temperature}, {settings.max_new_tokens} new "
+            f"tokens. SFT + extra SFT: {extra_steps} LoRA SFT steps, the sequences GRPO passes forward and "
+            f"backward.")
+
+
 def markdown(args, table: dict, extra_steps: int, minutes: float) -> str:
     labels = {name: label for name, label, _ in ROWS}
+    settings = train_settings(common_train_flags(args))
     head = "| row | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [f"# Ablation on {args.dataset}: {args.seeds} seed(s)" + (", mean ± sample std" if args.seeds > 1 else ""),
              "", f"Command: `python -m mrgr1.ablation {shlex.join(args.argv)}`", "",
-             f"Test studies scored per row: {args.eval_limit or train_settings(common_train_flags(args)).eval_limit} "
-             f"(greedy). SFT + extra SFT: {extra_steps} LoRA SFT steps, the sequences GRPO passes forward "
-             f"and backward. Training + scoring time summed over the rows' jobs: {minutes:.1f} min.", "",
+             settings_line(settings, extra_steps), "",
+             f"Test studies scored per row: {args.eval_limit or settings.eval_limit} (greedy, "
+             f"{settings.labeler} labeler). Training + scoring time summed over the rows' jobs: "
+             f"{minutes:.1f} min.", "",
              head, "|" + "---|" * (len(COLUMNS) + 1)]
     for name, columns in table.items():
         cells = [summarize(columns[key], digits) for key, _, digits in COLUMNS]
