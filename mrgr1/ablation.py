@@ -151,6 +151,22 @@ def common_train_flags(args) -> list[str]:
     return flags + shlex.split(args.train_args)
 
 
+def check_settings(args) -> None:
+    """The output folder's rows must all come from the same flags (--seeds and --rows aside):
+    written on the first run, compared on every later one."""
+    path = os.path.join(args.output_dir, "ablation_config.json")
+    now = {k: v for k, v in vars(args).items() if k not in ("seeds", "rows", "argv", "output_dir")}
+    before = read_json(path)
+    if before is None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(now, f, indent=2)
+        return
+    changed = [f"--{k.replace('_', '-')}: {before.get(k)!r} then, {now[k]!r} now" for k in now if before.get(k) != now[k]]
+    if changed:
+        raise AblationError(f"{args.output_dir} holds rows run with other settings ({'; '.join(changed)}); "
+                            f"use another --output-dir, or delete that folder to start again")
+
+
 # ----------------------------------------------------------------------------- one seed
 
 def with_flags(flags: list[str], *pairs: str) -> list[str]:
@@ -345,6 +361,7 @@ def main(argv=None) -> dict:
     for name in ("train_grpo.py", "evaluate.py"):  # both there, before any work
         script(name)
     os.makedirs(args.output_dir, exist_ok=True)
+    check_settings(args)
     settings = train_settings(common_train_flags(args))
     extra = extra_sft_steps(train_settings(with_flags(common_train_flags(args), *GRPO_ROWS[0][2])))
     print(f"ablation on {args.dataset}: {args.seeds} seed(s), rows {', '.join(args.rows)}; "

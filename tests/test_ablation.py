@@ -117,6 +117,19 @@ def test_a_row_whose_training_finished_is_only_scored_again(runs):
             for c in runs["jobs"][2]] == [("evaluate.py", "grpo_bleu")]
 
 
+def test_other_settings_on_the_same_folder_stop_before_any_work(runs, monkeypatch):
+    jobs = []
+    monkeypatch.setattr(ablation, "run_job", in_process(jobs))
+    argv = ARGS + ["--output-dir", runs["out"], "--data-root", flag(runs["jobs"][0][0], "--data-root")]
+    with pytest.raises(ablation.AblationError, match=r"--steps: '2' then, '3' now.*another --output-dir"):
+        ablation.main(with_steps(argv, "3"))
+    assert jobs == []
+
+
+def with_steps(argv, steps):
+    return [steps if i > 0 and argv[i - 1] == "--steps" else a for i, a in enumerate(argv)]
+
+
 def table_rows(path):
     """{row label: [cell, ...]} of a markdown table."""
     with open(path, encoding="utf-8") as f:
@@ -148,8 +161,10 @@ def test_mean_and_sample_std_over_seeds():
 
 def test_run_job_names_the_log_of_a_failed_command(tmp_path):
     log = str(tmp_path / "job.log")
-    with pytest.raises(ablation.AblationError, match="exit 3.*job.log.*\n.*boom"):
+    with pytest.raises(ablation.AblationError) as failed:
         ablation.run_job([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], log)
+    message = str(failed.value)
+    assert "(exit 3)" in message and log in message and message.rstrip().endswith("\nboom")
     ablation.run_job([sys.executable, "-c", "print('fine')"], log)
     with open(log, encoding="utf-8") as f:
         assert f.read().count("fine") == 2  # the command line and its output, appended
