@@ -143,8 +143,7 @@ def run_job(cmd: list[str], log_path: str) -> float:
 
 
 def common_train_flags(args) -> list[str]:
-    flags = ["--dataset", args.dataset, "--weights-dir", args.weights_dir, "--eval-limit", "0",
-             "--sample-every", "0"]
+    flags = ["--dataset", args.dataset, "--weights-dir", args.weights_dir]
     for key in ("data_root", "labeler", "chexbert_weights") + TRAIN_KNOBS:
         if getattr(args, key) is not None:
             flags += ["--" + key.replace("_", "-"), str(getattr(args, key))]
@@ -196,11 +195,18 @@ def train_row(name: str, flags: list[str], folder: str, done_file: str) -> float
     if os.path.exists(done_file):
         return 0.0
     os.makedirs(folder, exist_ok=True)
-    cmd = [sys.executable, script("train_grpo.py"), *flags, "--output-dir", folder]
+    # the rows are scored by evaluate.py: no evaluation inside the training job
+    cmd = [sys.executable, script("train_grpo.py"), *with_flags(flags, "--eval-limit", "0", "--sample-every", "0"),
+           "--output-dir", folder]
     if checkpoint.find_latest(folder):
         cmd.append("--resume")
     print(f"  {name}: training (log {os.path.join(folder, 'train.log')})", flush=True)
     return run_job(cmd, os.path.join(folder, "train.log"))
+
+
+def eval_limit(args, settings) -> int:
+    """Test studies scored per row: --eval-limit, else train_grpo.py's default (demo 100, real 200)."""
+    return settings.eval_limit if args.eval_limit is None else args.eval_limit
 
 
 def evaluate_row(args, settings, name: str, folder: str, policy: str, adapter: str | None) -> float:
@@ -208,7 +214,7 @@ def evaluate_row(args, settings, name: str, folder: str, policy: str, adapter: s
     os.makedirs(eval_dir, exist_ok=True)
     cmd = [sys.executable, script("evaluate.py"), "--dataset", args.dataset, "--policy", policy,
            "--weights-dir", args.weights_dir, "--labeler", settings.labeler, "--split", "test",
-           "--max-new-tokens", str(settings.max_new_tokens), "--limit", str(args.eval_limit or settings.eval_limit),
+           "--max-new-tokens", str(settings.max_new_tokens), "--limit", str(eval_limit(args, settings)),
            "--batch-size", str(args.eval_batch_size), "--dtype", settings.dtype, "--output-dir", eval_dir]
     for key in ("data_root", "chexbert_weights", "device"):
         if getattr(args, key) is not None:
@@ -317,7 +323,7 @@ def markdown(args, table: dict, extra_steps: int, minutes: float) -> str:
     lines = [f"# Ablation on {args.dataset}: {args.seeds} seed(s)" + (", mean ± sample std" if args.seeds > 1 else ""),
              "", f"Command: `python -m mrgr1.ablation {shlex.join(args.argv)}`", "",
              settings_line(settings, extra_steps), "",
-             f"Test studies scored per row: {args.eval_limit or settings.eval_limit} (greedy, "
+             f"Test studies scored per row: {eval_limit(args, settings)} (greedy, "
              f"{settings.labeler} labeler). Training + scoring time summed over the rows' jobs: "
              f"{minutes:.1f} min.", "",
              head, "|" + "---|" * (len(COLUMNS) + 1)]
