@@ -10,9 +10,11 @@ This command trains and scores those rows with the repository's own command line
 subprocess with its own folder (<output-dir>/seed<s>/<row>/), so every row is the exact run a user
 would get from train_grpo.py and evaluate.py:
 
-    sft          train_grpo.py --steps 0                  the SFT start (MLE); every other row of the
-                                                          seed starts from it (<row>/sft)
-    sft_more     train_grpo.py --policy START --sft-steps E --steps 0
+    sft          train_grpo.py --steps 1                  the SFT start (MLE): its sft/ folder, saved
+                                                          before the one GRPO step train_grpo.py
+                                                          takes at least (unused); every other row
+                                                          of the seed starts from it
+    sft_more     train_grpo.py --policy START --sft-steps E --steps 1     (its sft/ folder likewise)
                  E extra SFT steps with LoRA (the parameters GRPO trains), E matched to GRPO's compute
     grpo_*       train_grpo.py --policy START --sft-steps 0 --reward R --reward-weights W
     every row    evaluate.py --policy START|<row>/sft [--adapter <row>/final] on the same test studies
@@ -73,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--dataset", default="demo", choices=("demo", "iu_xray", "mimic_cxr"))
     a("--data-root", default=None, help="default data/<dataset>")
-    a("--policy", default=None, help="train_grpo.py's default: tiny (demo), huatuogpt-vision-7b (real)")
+    a("--policy", default=None, help="train_grpo.py's default: demo (demo), huatuogpt-vision-7b (real)")
     a("--labeler", default=None, choices=("chexbert", "rules"), help="default: rules (demo), chexbert (real)")
     a("--chexbert-weights", default=None)
     a("--weights-dir", default="weights")
@@ -191,7 +193,8 @@ def read_json(path: str):
 
 
 def train_row(name: str, flags: list[str], folder: str, done_file: str) -> float:
-    """Train one row unless done_file exists; continue from its last checkpoint if it has one."""
+    """Train one row unless done_file exists; continue from its last checkpoint if it has one,
+    else start it afresh (a job stopped before its first checkpoint)."""
     if os.path.exists(done_file):
         return 0.0
     os.makedirs(folder, exist_ok=True)
@@ -200,6 +203,8 @@ def train_row(name: str, flags: list[str], folder: str, done_file: str) -> float
            "--output-dir", folder]
     if checkpoint.find_latest(folder):
         cmd.append("--resume")
+    elif any(n in os.listdir(folder) for n in ("sft", "init", "final")):  # stopped before a checkpoint:
+        cmd.append("--overwrite")                                          # start that job afresh
     print(f"  {name}: training (log {os.path.join(folder, 'train.log')})", flush=True)
     return run_job(cmd, os.path.join(folder, "train.log"))
 
@@ -226,20 +231,21 @@ def evaluate_row(args, settings, name: str, folder: str, policy: str, adapter: s
 
 
 def start_folder(args, settings, seed: int) -> str:
-    """The seed's SFT start: <seed>/sft/sft after SFT, the untrained tiny model in <seed>/sft/init
+    """The seed's SFT start: <seed>/sft/sft after SFT, the untrained demo model in <seed>/sft/init
     without it, or a pretrained policy as it is (real data's default: no SFT)."""
-    if settings.sft_steps == 0 and settings.policy != "tiny":
+    if settings.sft_steps == 0 and settings.policy != "demo":
         return weights.resolve_policy(settings.policy, args.weights_dir)
     return os.path.join(args.output_dir, f"seed{seed}", "sft", "sft" if settings.sft_steps else "init")
 
 
 def ensure_start(args, settings, base: list[str], seed: int) -> float:
-    """Train the seed's SFT start (train_grpo.py --steps 0) unless it exists or is a pretrained policy."""
+    """Train the seed's SFT start unless it exists or is a pretrained policy. train_grpo.py takes at
+    least one GRPO step; the start is its sft/ folder, saved before that step, which goes unused."""
     start = start_folder(args, settings, seed)
-    if settings.sft_steps == 0 and settings.policy != "tiny":
+    if settings.sft_steps == 0 and settings.policy != "demo":
         return 0.0
     marker = os.path.join(start, "config.json" if settings.sft_steps else "model.safetensors")  # written last
-    return train_row("sft", with_flags(base, "--steps", "0"), os.path.dirname(start), marker)
+    return train_row("sft", with_flags(base, "--steps", "1"), os.path.dirname(start), marker)
 
 
 def run_seed(args, seed: int) -> None:
@@ -258,7 +264,7 @@ def run_seed(args, seed: int) -> None:
             policy, adapter = start, None
         elif name == "sft_more":
             steps = extra_sft_steps(train_settings(with_flags(base, *GRPO_ROWS[0][2])))
-            seconds += train_row(name, with_flags(from_start, "--sft-steps", str(steps), "--steps", "0"), folder,
+            seconds += train_row(name, with_flags(from_start, "--sft-steps", str(steps), "--steps", "1"), folder,
                                  os.path.join(folder, "sft", "config.json"))
             policy, adapter = os.path.join(folder, "sft"), None
         else:

@@ -86,13 +86,15 @@ def test_every_row_is_trained_from_one_sft_start_and_scored(runs):
 
 def test_extra_sft_passes_as_many_sequences_as_grpo(runs):
     more = next(c for c in runs["jobs"][0] if "sft_more" in flag(c, "--output-dir"))
-    # GRPO: 2 steps x 2 studies x 2 completions = 8 sequences; SFT: 2 per step -> 4 steps
-    assert (flag(more, "--sft-steps"), flag(more, "--steps")) == ("4", "0")
+    updates = train_grpo.parse_args(["--dataset", "demo"]).num_iterations  # the demo's default
+    # GRPO: 2 steps x 2 studies x 2 completions x updates; SFT: 2 sequences per step
+    assert flag(more, "--sft-steps") == str(2 * 2 * 2 * updates // 2)
 
 
 def test_extra_sft_steps_for_the_demo_defaults():
     settings = train_grpo.parse_args(["--dataset", "demo", "--beta", "0"])
     settings.steps, settings.batch_size, settings.num_generations, settings.sft_batch_size = 40, 8, 8, 16
+    settings.num_iterations = 1
     assert ablation.extra_sft_steps(settings) == 160  # 40 x 8 x 8 / 16
     settings.num_iterations = 2
     assert ablation.extra_sft_steps(settings) == 320
@@ -128,6 +130,15 @@ def test_other_settings_on_the_same_folder_stop_before_any_work(runs, monkeypatc
 
 def with_steps(argv, steps):
     return [steps if i > 0 and argv[i - 1] == "--steps" else a for i, a in enumerate(argv)]
+
+
+def test_a_row_stopped_before_its_first_checkpoint_starts_afresh(runs, tmp_path, monkeypatch):
+    jobs = []
+    monkeypatch.setattr(ablation, "run_job", lambda cmd, log: jobs.append(cmd) or 0.0)
+    folder = tmp_path / "row"
+    (folder / "init").mkdir(parents=True)  # what a job killed during SFT leaves
+    ablation.train_row("sft", ["--dataset", "demo"], str(folder), str(folder / "sft" / "config.json"))
+    assert jobs[0][-1] == "--overwrite"
 
 
 def table_rows(path):
