@@ -225,7 +225,7 @@ def claim_output_dir(args) -> None:
 
 
 def grpo_config(args) -> trainer.GRPOConfig:
-    content, fmt = (float(w) for w in args.reward_weights.split(","))
+    content, fmt = _floats(args.reward_weights, 2, "--reward-weights")
     return trainer.GRPOConfig(
         num_generations=args.num_generations, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, beta=args.beta, epsilon=args.epsilon,
@@ -233,7 +233,7 @@ def grpo_config(args) -> trainer.GRPOConfig:
         num_iterations=args.num_iterations, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
         mask_truncated=args.mask_truncated, reward_kind=args.reward,
         reward_weights={args.reward: content, "format": fmt}, mccs_margin=args.mccs_margin,
-        mccs_mapping=tuple(float(v) for v in args.mccs_mapping.split(",")))
+        mccs_mapping=_floats(args.mccs_mapping, 4, "--mccs-mapping"))
 
 
 def warmup_cosine(optimizer, total_steps: int, warmup_ratio: float):

@@ -68,7 +68,7 @@ def main(argv=None):
         out, mask = generate(model, prompts["input_ids"], prompts["attention_mask"], prompts["pixel_values"],
                              prompts["image_grid_thw"], max_new_tokens=args.max_new_tokens,
                              num_samples=args.samples, temperature=args.temperature, generator=generator, **special)
-        texts = processor.batch_decode(out * mask + special["pad_token_id"] * (1 - mask))
+        texts = trainer.decode_completions(processor, out, mask, special["pad_token_id"])
         generated.append(labeler.label([extract_report(t) for t in texts]))                    # [b*G, 14]
         reference.append(labeler.label([x.report for x in batch]).repeat_interleave(args.samples, 0))
     gen, ref = torch.cat(generated), torch.cat(reference)                 # [N*G, 14]

@@ -388,7 +388,7 @@ def generate_reports(model, processor, studies: list[Study], *, batch_size: int 
                              max_new_tokens=max_new_tokens, temperature=temperature,
                              eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
                              suppress_token_ids=suppress_token_ids, generator=generator)
-        texts += processor.batch_decode(out * mask + pad_token_id * (1 - mask))
+        texts += decode_completions(processor, out, mask, pad_token_id)
     return texts
 
 

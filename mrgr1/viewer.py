@@ -477,7 +477,7 @@ def write_eval_report(output_dir: str, records: list[dict], scores: dict, *, lab
     body = ["<h1>Evaluation report</h1>",
             f'<p class="muted">{len(records)} studies, labels from {html.escape(str(labeler))}.</p>',
             f"<pre>{html.escape(format_table(scores, labeler=labeler))}</pre>", chart, legend(),
-            f"<h2>Studies</h2>"]
+            "<h2>Studies</h2>"]
     folder = os.path.join(output_dir, "report_views")
     body += [_eval_study(r, image_paths.get(r["id"], []), folder, n, len(records) < open_below)
              for n, r in enumerate(records)]
