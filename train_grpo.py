@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--dtype", default="float32", choices=tuple(pipeline.DTYPES))
     a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (SFT and GRPO)")
+    a("--prompt-cache-gb", type=float, default=2.0, help="keep each study's encoded prompt and image patches "
+      "after first use, up to this many GB (ours; 0 = encode every time, same results)")
     a("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
     a("--seed", type=int, default=0)
     a("--output-dir", default=None, help="default runs/<dataset>")
@@ -164,6 +166,7 @@ def check_flags(args) -> None:
         ("--save-every", args.save_every, args.save_every < 1, "at least 1"),
         ("--eval-limit", args.eval_limit, args.eval_limit < 0, "0 (skip) or more"),
         ("--eval-samples", args.eval_samples, args.eval_samples < 0, "0 (skip) or more"),
+        ("--prompt-cache-gb", args.prompt_cache_gb, args.prompt_cache_gb < 0, "0 or more"),
         ("--threads", args.threads, args.threads is not None and args.threads < 1, "at least 1"),
         ("--min-pixels", args.min_pixels, args.min_pixels < 1, "at least 1"),
         ("--max-pixels", args.max_pixels, args.max_pixels < args.min_pixels, f"at least --min-pixels ({args.min_pixels})"),
@@ -255,7 +258,7 @@ def make_optimizer(model, lr, weight_decay, total_steps, warmup_ratio):
 
 # ----------------------------------------------------------------------------- phases
 
-def prepare_policy(args, train_studies, device):
+def prepare_policy(args, train_studies, device, prompt_cache=None):
     """The policy GRPO starts from: a pretrained one, or (demo) the demo model after SFT.
 
     The SFT result is saved as an HF folder (<output_dir>/sft) and becomes the base: GRPO's
@@ -275,7 +278,7 @@ def prepare_policy(args, train_studies, device):
     model, processor = pipeline.load_policy(start, weights_dir=args.weights_dir, **load)
     model.gradient_checkpointing = args.grad_checkpointing  # SFT too: its backward is GRPO's size
     if args.sft_steps > 0:
-        run_sft(args, model, processor, train_studies)
+        run_sft(args, model, processor, train_studies, prompt_cache)
         if distributed.is_main():  # every rank holds the same SFT weights; one writes them
             shutil.rmtree(sft_dir + ".tmp", ignore_errors=True)
             model.save_pretrained(sft_dir + ".tmp")
@@ -291,7 +294,7 @@ def write_config(folder: str, args) -> None:
         json.dump(vars(args), f, indent=2, default=str)
 
 
-def run_sft(args, model, processor, studies):
+def run_sft(args, model, processor, studies, prompt_cache=None):
     """Teacher-forced MLE on the reference reports in the target format (full fine-tuning for
     the demo model, LoRA merged back into the weights for a pretrained one). Several ranks: each
     takes its slice of every batch and the gradients are summed, as in GRPO."""
@@ -307,20 +310,21 @@ def run_sft(args, model, processor, studies):
         indices = next_batch(len(studies), args.sft_batch_size, args.seed + 1000, position)
         batch = [studies[i] for i in distributed.shard(indices, "--sft-batch-size")]
         loss = trainer.sft_step(model, processor, batch, optimizer, scheduler, eos_token_id=eos[0],
-                                max_grad_norm=args.max_grad_norm)
+                                max_grad_norm=args.max_grad_norm, prompt_cache=prompt_cache)
         bar.set_postfix(loss=f"{loss:.3f}")
     if use_lora:
         lora.merge_lora(model)
     model.requires_grad_(True)
 
 
-def evaluate(args, model, processor, labeler, studies, cfg, title) -> dict:
+def evaluate(args, model, processor, labeler, studies, cfg, title, prompt_cache=None) -> dict:
     """CE-F1 of greedy reports, and the mean reward of --eval-samples sampled completions per study
     (GRPO's own objective; the same random draws before and after GRPO). Several ranks: each
     writes its part, every rank scores them all."""
     special = pipeline.special_ids(processor)
     mine = distributed.split_evenly(studies)
-    texts = trainer.generate_reports(model, processor, mine, max_new_tokens=args.max_new_tokens, **special)
+    texts = trainer.generate_reports(model, processor, mine, max_new_tokens=args.max_new_tokens,
+                                     prompt_cache=prompt_cache, **special)
     scores = trainer.ce_of_texts(distributed.gather_lists(texts), studies, labeler)
     line = (f"\n{title}: CE-F1 (micro, R2GenCMN convention) {scores['ce_micro/f1']:.4f} | "
             f"CE-F1 (example, PromptMRG) {scores['ce_example/f1']:.4f} on {len(studies)} studies")
@@ -329,7 +333,7 @@ def evaluate(args, model, processor, labeler, studies, cfg, title) -> dict:
         generator.manual_seed(args.seed + 2 + 1000 * distributed.rank())
         sampled = trainer.sampled_rewards(model, processor, mine, labeler,
                                           dataclasses.replace(cfg, num_generations=args.eval_samples),
-                                          generator, **special)
+                                          generator, prompt_cache=prompt_cache, **special)
         for name in ("reward", args.reward, "format"):  # every rank gathers, even one with no studies
             everyone = distributed.gather_lists(sampled[name].tolist() if sampled else [])
             scores[f"sampled/{name}"] = sum(everyone) / len(everyone)
@@ -383,11 +387,13 @@ def main(argv=None) -> dict:
     if args.policy != "demo":
         pipeline.weights.resolve_policy(args.policy, args.weights_dir)
 
-    model, processor = prepare_policy(args, train_studies, device)
+    prompt_cache = trainer.PromptCache(int(args.prompt_cache_gb * 2**30))  # SFT, GRPO and evaluation
+    model, processor = prepare_policy(args, train_studies, device, prompt_cache)
     cfg = grpo_config(args)
     results = {}
     if args.eval_limit and resume_from is None:
-        results["before"] = evaluate(args, model, processor, labeler, test_studies, cfg, "before GRPO")
+        results["before"] = evaluate(args, model, processor, labeler, test_studies, cfg, "before GRPO",
+                                     prompt_cache)
 
     # ---- GRPO: adapters on the (SFT) policy; the reference is the same network, adapters off
     ref_model = None
@@ -441,7 +447,7 @@ def main(argv=None) -> dict:
             t0 = time.time()
             stats, rollout = trainer.grpo_step(model, processor, studies, labeler, optimizer, scheduler, cfg,
                                                rollout_gen, ref_model=ref_model, reward_cache=reward_cache,
-                                               **special)
+                                               prompt_cache=prompt_cache, **special)
             stats = {"step": step + 1, **distributed.mean_across_ranks(stats),
                      "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
             interrupted = distributed.any_rank(interrupted)  # every rank stops at the same step
@@ -475,7 +481,8 @@ def main(argv=None) -> dict:
         lora.save_adapter(model, os.path.join(args.output_dir, "final"), base_model_name_or_path=base)
         write_config(os.path.join(args.output_dir, "final"), args)
     if args.eval_limit:
-        results["after"] = evaluate(args, model, processor, labeler, test_studies, cfg, "after GRPO")
+        results["after"] = evaluate(args, model, processor, labeler, test_studies, cfg, "after GRPO",
+                                    prompt_cache)
         if distributed.is_main():
             print(format_table(results["after"], labeler=args.labeler))
             if "before" in results:

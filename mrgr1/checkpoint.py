@@ -173,7 +173,7 @@ def load_checkpoint(folder: str, model, optimizer=None, scheduler=None) -> dict:
 # Flags that do not change what a run computes: where it runs, how often it saves or reports, what
 # it evaluates before/after (--eval-*), memory savers. Every other flag in train_config.json must match.
 NOT_RUN_KEYS = ("resume", "overwrite", "output_dir", "weights_dir", "device", "threads",
-                "save_every", "sample_every", "grad_checkpointing")
+                "save_every", "sample_every", "grad_checkpointing", "prompt_cache_gb")
 # The run's length may change on resume (train longer or stop earlier); the caller says so, since
 # the learning-rate schedule then spans the new length.
 LENGTH_KEYS = ("steps", "epochs")

@@ -272,28 +272,39 @@ class Processor:
             images = [[] if isinstance(c, str) else message_images(c) for c in conversations]
         if len(images) != len(conversations):
             raise ValueError(f"{len(conversations)} samples but {len(images)} image lists; give one list per sample")
-        rows, patches, grids = [], [], []
-        for conv, imgs in zip(conversations, images):
-            imgs = [imgs] if isinstance(imgs, Image.Image) else list(imgs or [])
-            text = conv if isinstance(conv, str) else self.apply_chat_template(conv, add_generation_prompt)
-            n_slots = text.count("<|image_pad|>")
-            if n_slots != len(imgs):
-                raise ValueError(f"prompt has {n_slots} <|image_pad|> slots but {len(imgs)} images were given")
-            counts = []  # <|image_pad|> tokens per image = merged tokens t*h*w / merge^2
-            for img in imgs:
-                p, grid = image_patches(img, **self.image_kwargs)
-                patches.append(p)
-                grids.append(grid)
-                counts.append(grid[0] * grid[1] * grid[2] // self.image_kwargs["merge_size"] ** 2)
-            pieces = text.split("<|image_pad|>")
-            text = pieces[0] + "".join("<|image_pad|>" * n + piece for n, piece in zip(counts, pieces[1:]))
-            rows.append(self.encode(text))
-        T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for b, r in enumerate(rows):
-            input_ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
-            attention_mask[b, T - len(r):] = 1
+        return self.collate([self.encode_sample(conv, imgs, add_generation_prompt=add_generation_prompt)
+                             for conv, imgs in zip(conversations, images)])
+
+    def encode_sample(self, conversation, images=(), *, add_generation_prompt: bool = True) -> dict:
+        """One sample (a message list or a chat-format string, and its PIL images) -> {"ids":
+        token ids with one <|image_pad|> per merged patch, "patches": one [h*w, 1176] float32
+        array per image, "grids": one (1, h, w) per image}; `collate` batches such samples."""
+        images = [images] if isinstance(images, Image.Image) else list(images or [])
+        text = (conversation if isinstance(conversation, str)
+                else self.apply_chat_template(conversation, add_generation_prompt))
+        n_slots = text.count("<|image_pad|>")
+        if n_slots != len(images):
+            raise ValueError(f"prompt has {n_slots} <|image_pad|> slots but {len(images)} images were given")
+        patches, grids = [], []
+        for img in images:
+            p, grid = image_patches(img, **self.image_kwargs)
+            patches.append(p)
+            grids.append(grid)
+        counts = [t * h * w // self.image_kwargs["merge_size"] ** 2 for t, h, w in grids]  # tokens per image
+        pieces = text.split("<|image_pad|>")
+        text = pieces[0] + "".join("<|image_pad|>" * n + piece for n, piece in zip(counts, pieces[1:]))
+        return {"ids": self.encode(text), "patches": patches, "grids": grids}
+
+    def collate(self, samples: list[dict]) -> dict:
+        """Samples from `encode_sample` -> the batch `__call__` returns (left padded)."""
+        T = max(len(s["ids"]) for s in samples)
+        input_ids = torch.full((len(samples), T), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(samples), T, dtype=torch.long)
+        for b, s in enumerate(samples):
+            input_ids[b, T - len(s["ids"]):] = torch.tensor(s["ids"], dtype=torch.long)
+            attention_mask[b, T - len(s["ids"]):] = 1
+        patches = [p for s in samples for p in s["patches"]]
+        grids = [g for s in samples for g in s["grids"]]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -7,7 +7,7 @@ A GRPO step for B studies (MRG-R1, arXiv 2512.16145; GRPO from DeepSeekMath, arX
     2 rollout      --generate (G samples each, KV cache)--> completions [B*G, C]
     3 reward       --decode, extract <report>, label--> R [B*G] = 0.75 MCCS + 0.25 format
     4 advantages   --group_advantages--> A [B*G]
-    5 log-probs    --token_logps: old (num_iterations > 1), reference (adapters off)--> [B*G, C]
+    5 log-probs    --token_logps: reference (adapters off)--> [B*G, C]; pi_old = the first update's
     6 update       --policy_loss over micro-batches, backward, (ranks: sum), clip, AdamW
 
 Sequences for the update are `[left-padded prompt | completion, right-padded]` (a `Rollout`), so
@@ -74,10 +74,35 @@ def study_messages(study: Study, system: str = SYSTEM_PROMPT, instruction: str =
             {"role": "user", "content": images + [{"type": "text", "text": instruction}]}]
 
 
-def encode_prompts(processor, studies: list[Study], device=None) -> dict:
+class PromptCache:
+    """Each study's encoded prompt (token ids, image patches, grids), kept after its first use.
+
+    The chat template, the tokenizer and the image decoding and resizing give the same result
+    every time a study comes back (the demo's SFT sees each training study ~27 times), so a study
+    is encoded once. Patches are float32: a 448 px view takes ~4.8 MB, so the cache stops taking
+    studies at `max_bytes` and encodes the rest afresh (slower, never different). One cache per
+    processor: its image resolution is part of what is kept."""
+
+    def __init__(self, max_bytes: int = 2 * 2**30):
+        self.max_bytes, self.bytes, self.samples = max_bytes, 0, {}
+
+    def sample(self, processor, study: Study) -> dict:
+        key = (study.id, tuple(study.image_paths))
+        if key not in self.samples:
+            sample = processor.encode_sample(study_messages(study), load_images(study))
+            size = sum(p.nbytes for p in sample["patches"])
+            if self.bytes + size > self.max_bytes:
+                return sample
+            self.samples[key], self.bytes = sample, self.bytes + size
+        return self.samples[key]
+
+
+def encode_prompts(processor, studies: list[Study], device=None, cache: PromptCache | None = None) -> dict:
     """Left-padded prompts of B studies: input_ids, attention_mask [B, P], pixel_values,
     image_grid_thw, and images_per_prompt [B] (to find each prompt's images again)."""
-    batch = processor([study_messages(s) for s in studies], [load_images(s) for s in studies])
+    samples = [cache.sample(processor, s) if cache is not None
+               else processor.encode_sample(study_messages(s), load_images(s)) for s in studies]
+    batch = processor.collate(samples)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     batch["images_per_prompt"] = torch.tensor([len(s.image_paths) for s in studies])
     return batch
@@ -134,7 +159,7 @@ class Rollout:
     labels: torch.Tensor | None = None      # [N, 14] CheXbert codes of each generated report
     ref_labels: torch.Tensor | None = None  # [N, 14] codes of each row's reference report
     ccs: torch.Tensor | None = None         # [N] CCS before the margin (reward kind "mccs")
-    old_logps: torch.Tensor | None = None   # [N, C] pi_old; None when num_iterations == 1 (r = 1)
+    old_logps: torch.Tensor | None = None   # [N, C] pi_old: the first update's log-probs (step 6)
     ref_logps: torch.Tensor | None = None   # [N, C] pi_ref (adapters off); None when beta == 0
 
     def rows(self, start: int, stop: int) -> dict:
@@ -243,7 +268,8 @@ def _rows(t: torch.Tensor | None, rows: slice):
 
 def grpo_step(model, processor, studies: list[Study], labeler, optimizer, scheduler, cfg: GRPOConfig,
               generator: torch.Generator | None, *, ref_model=None, reward_cache: dict | None = None,
-              eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()) -> tuple[dict, Rollout]:
+              prompt_cache: PromptCache | None = None, eos_token_ids=(), pad_token_id: int = 0,
+              suppress_token_ids=()) -> tuple[dict, Rollout]:
     """One GRPO step on B studies, the README's step diagram line for line -> (stats, rollout).
 
     stats: the step's metrics under TRL's names (reward, kl, clip_ratio/*, loss, ...), floats.
@@ -255,7 +281,7 @@ def grpo_step(model, processor, studies: list[Study], labeler, optimizer, schedu
     model.eval()  # no dropout while sampling and while computing the old / reference log-probs
 
     # ---- 1. prompts: system turn, the study's views, the instruction; left padded     [B, P]
-    prompts = encode_prompts(processor, studies, device)
+    prompts = encode_prompts(processor, studies, device, prompt_cache)
 
     # ---- 2. rollout: G samples per study (KV cache; the prompt is encoded once)      [B*G, C]
     completions, cmask, truncated = sample_completions(model, prompts, cfg, generator, **special,
@@ -274,10 +300,9 @@ def grpo_step(model, processor, studies: list[Study], labeler, optimizer, schedu
                       truncated=truncated, rewards=rewards, reward_parts=parts,
                       advantages=advantages.to(device), **details)
 
-    # ---- 5. old log-probs (mu > 1) and the reference's (beta != 0: adapters off)     [B*G, C]
+    # ---- 5. the reference's log-probs (beta != 0: adapters off)                       [B*G, C]
+    #         (pi_old needs no pass of its own: it is the first update's log-probs, step 6)
     parts_of_batch = micro_batches(len(rewards), cfg.grad_accum)
-    if cfg.num_iterations > 1:
-        rollout.old_logps = rollout_logps(model, rollout, parts_of_batch, cfg.temperature)
     if cfg.beta != 0:
         with lora.reference_policy(model, ref_model) as ref_net:
             rollout.ref_logps = rollout_logps(ref_net, rollout, parts_of_batch, cfg.temperature)
@@ -291,15 +316,17 @@ def grpo_step(model, processor, studies: list[Study], labeler, optimizer, schedu
     num_parts = len(parts_of_batch) * distributed.world_size()                      # bnpo: per micro-batch
     params = [p for p in model.parameters() if p.requires_grad]
     lora.train_without_dropout(model)  # the log-probs of step 5, with grad: r = 1 before the first update
-    history = []
-    for _ in range(cfg.num_iterations):
+    history, old_logps = [], []
+    for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         update = {"loss": 0.0}
-        for rows in parts_of_batch:
+        for part, rows in enumerate(parts_of_batch):
             logps = model.token_logps(**rollout.rows(rows.start, rows.stop), logits_to_keep=mask.shape[1],
                                       temperature=cfg.temperature)                  # [n, C], with grad
+            if iteration == 0:  # no optimizer step yet: these are pi_old (so r = 1 in this update)
+                old_logps.append(logps.detach())
             loss, stats = grpo.policy_loss(
-                logps, _rows(rollout.old_logps, rows), _rows(rollout.ref_logps, rows),
+                logps, old_logps[part], _rows(rollout.ref_logps, rows),
                 rollout.advantages[rows], mask[rows], eps_low=cfg.epsilon, eps_high=cfg.epsilon_high,
                 beta=cfg.beta, loss_type=cfg.loss_type, max_len=cfg.max_new_tokens,
                 normalizer=grpo.part_normalizer(cfg.loss_type, normalizer, mask[rows], num_parts))
@@ -314,6 +341,7 @@ def grpo_step(model, processor, studies: list[Study], labeler, optimizer, schedu
         scheduler.step()
         update["loss"] = distributed.sum_across_ranks(update["loss"])               # ranks
         history.append(update)
+    rollout.old_logps = torch.cat(old_logps)
     means = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
     return {**rollout_stats(rollout, G), **means}, rollout
 
@@ -351,11 +379,11 @@ def sft_targets(processor, studies: list[Study], eos_token_id: int, think: str =
 
 
 def sft_step(model, processor, studies: list[Study], optimizer, scheduler, *, eos_token_id: int,
-             max_grad_norm: float = 1.0) -> float:
+             max_grad_norm: float = 1.0, prompt_cache: PromptCache | None = None) -> float:
     """One teacher-forced MLE step on the reference reports: the token-level baseline."""
     device = next(model.parameters()).device
     model.train()
-    prompts = encode_prompts(processor, studies, device)
+    prompts = encode_prompts(processor, studies, device, prompt_cache)
     ids, mask = (t.to(device) for t in sft_targets(processor, studies, eos_token_id))
     seqs = join_completions(prompts, ids, mask)
     logps = model.token_logps(seqs["input_ids"], seqs["attention_mask"], seqs.get("pixel_values"),
@@ -377,12 +405,13 @@ def sft_step(model, processor, studies: list[Study], optimizer, scheduler, *, eo
 @torch.no_grad()
 def generate_reports(model, processor, studies: list[Study], *, batch_size: int = 16,
                      max_new_tokens: int = 256, eos_token_ids=(), pad_token_id: int = 0,
-                     suppress_token_ids=(), temperature: float = 0.0, generator=None) -> list[str]:
+                     suppress_token_ids=(), temperature: float = 0.0, generator=None,
+                     prompt_cache: PromptCache | None = None) -> list[str]:
     """Greedy (by default) completions for every study, in order."""
     device = next(model.parameters()).device
     texts = []
     for s in range(0, len(studies), batch_size):
-        prompts = encode_prompts(processor, studies[s:s + batch_size], device)
+        prompts = encode_prompts(processor, studies[s:s + batch_size], device, prompt_cache)
         out, mask = generate(model, prompts["input_ids"], prompts["attention_mask"],
                              prompts.get("pixel_values"), prompts.get("image_grid_thw"),
                              max_new_tokens=max_new_tokens, temperature=temperature,
@@ -394,7 +423,7 @@ def generate_reports(model, processor, studies: list[Study], *, batch_size: int 
 
 def sampled_rewards(model, processor, studies: list[Study], labeler, cfg: GRPOConfig,
                     generator: torch.Generator | None, *, batch_size: int = 8, eos_token_ids=(),
-                    pad_token_id: int = 0, suppress_token_ids=()) -> dict:
+                    pad_token_id: int = 0, suppress_token_ids=(), prompt_cache: PromptCache | None = None) -> dict:
     """The rewards of G sampled completions per study, drawn and scored as grpo_step draws and
     scores them, without any update: GRPO's own objective, measured on held-out studies.
 
@@ -403,7 +432,7 @@ def sampled_rewards(model, processor, studies: list[Study], labeler, cfg: GRPOCo
     parts = []
     for s in range(0, len(studies), batch_size):
         batch = studies[s:s + batch_size]
-        prompts = encode_prompts(processor, batch, device)
+        prompts = encode_prompts(processor, batch, device, prompt_cache)
         completions, cmask, _ = sample_completions(model, prompts, cfg, generator, eos_token_ids=eos_token_ids,
                                                    pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids)
         texts = decode_completions(processor, completions, cmask, pad_token_id)

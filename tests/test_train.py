@@ -211,6 +211,59 @@ def test_rollout_reuses_each_prompts_image_features_for_its_g_rows(demo_root, tm
                                   model.token_logps(**b.rows(start, stop), logits_to_keep=4), atol=1e-5)
 
 
+def test_pi_old_is_a_no_grad_pass_of_the_weights_that_sampled(demo_root, tmp_path):
+    """With mu = 2 the step takes pi_old from its first update's forward (no optimizer step has
+    happened yet) instead of a pass of its own: it equals log-probs computed without grad, in
+    eval mode, by a copy of the weights that sampled the rollout, for every micro-batch."""
+    import copy
+
+    from mrgr1 import labels, lora, pipeline, trainer
+
+    studies = data.load_split("demo", demo_root, "train")[:3]
+    model, processor = pipeline.load_policy(pipeline.demo_policy_folder(str(tmp_path / "init"),
+                                                                         [s.report for s in studies]))
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.3)  # dropout must be off in pi_old too
+    with torch.no_grad():  # adapters that already act (lora_B starts at 0), so that dropout would show
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=8, beta=0.04, num_iterations=2, grad_accum=4)
+    sampler = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stats, rollout = trainer.grpo_step(model, processor, studies, labels.RuleLabeler(), optimizer, scheduler,
+                                       cfg, torch.Generator().manual_seed(0), **pipeline.special_ids(processor))
+    sampler.eval()
+    expected = trainer.rollout_logps(sampler, rollout, trainer.micro_batches(6, 1), cfg.temperature)
+    assert rollout.old_logps.shape == rollout.completion_mask.shape
+    assert torch.allclose(rollout.old_logps, expected, atol=1e-6)
+    assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), sampler.parameters())
+                   if a.requires_grad and a.shape[0] > 4)  # the step moved the adapters (lora_B)
+
+
+def test_a_cached_prompt_is_the_prompt_encoded_afresh(demo_root):
+    """The prompt cache keeps each study's tokens and patches after first use; a batch built
+    from it is the processor's own batch, and a full cache encodes the rest without keeping them."""
+    from mrgr1 import pipeline, trainer
+    from mrgr1.processing import train_demo_tokenizer
+
+    studies = data.load_split("demo", demo_root, "train")
+    processor = train_demo_tokenizer([s.report for s in studies], vocab_size=300)
+    processor.image_kwargs.update(min_pixels=28 * 28, max_pixels=56 * 56)
+    cache = trainer.PromptCache()
+    for batch in (studies[:3], studies[1:5], studies[:5]):  # studies seen before and new ones, mixed
+        cached = trainer.encode_prompts(processor, batch, cache=cache)
+        fresh = processor([trainer.study_messages(s) for s in batch], [data.load_images(s) for s in batch])
+        for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+            assert torch.equal(cached[key], fresh[key]), key
+    assert len(cache.samples) == 5
+    one_study = cache.bytes // 5
+    small = trainer.PromptCache(max_bytes=2 * one_study)
+    full = trainer.encode_prompts(processor, studies[:4], cache=small)
+    assert len(small.samples) == 2 and small.bytes <= 2 * one_study
+    assert torch.equal(full["pixel_values"], trainer.encode_prompts(processor, studies[:4])["pixel_values"])
+
+
 def test_grad_accum_k_makes_k_micro_batches_of_nearly_equal_size():
     from mrgr1 import trainer
 
