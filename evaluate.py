@@ -35,7 +35,6 @@ unless --relabel).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -289,8 +288,6 @@ def check_policy(args) -> None:
     if args.adapter and not os.path.isdir(args.adapter):
         raise EvalError(f"--adapter {args.adapter}: no such folder (a PEFT LoRA folder or a "
                         f"train_grpo.py checkpoint-* folder)")
-    if args.top_p < 1.0 and "top_p" not in inspect.signature(trainer.generate_reports).parameters:
-        raise EvalError("--top-p: mrgr1.trainer.generate_reports takes no top_p yet; use --top-p 1")
 
 
 def load_adapter(model, folder: str, device) -> str:
@@ -385,7 +382,6 @@ def run_model(args, device) -> list[dict]:
     if todo:
         model, processor = build_model(args, device)
         special = pipeline.special_ids(processor)  # eos / pad / never-sampled vision token ids
-        sampling = {"top_p": args.top_p} if args.top_p < 1.0 else {}
         generator = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
         bar = tqdm(total=len(studies), initial=len(studies) - len(todo), desc="evaluate", unit="study",
                    dynamic_ncols=True)
@@ -393,7 +389,7 @@ def run_model(args, device) -> list[dict]:
             batch = todo[start:start + args.batch_size]
             texts = trainer.generate_reports(model, processor, batch, batch_size=len(batch),
                                              max_new_tokens=args.max_new_tokens, **special,
-                                             temperature=args.temperature, generator=generator, **sampling)
+                                             temperature=args.temperature, top_p=args.top_p, generator=generator)
             append_records(pred_path, prediction_records(texts, batch, labeler))
             bar.update(len(batch))
         bar.close()

@@ -405,16 +405,17 @@ def sft_step(model, processor, studies: list[Study], optimizer, scheduler, *, eo
 @torch.no_grad()
 def generate_reports(model, processor, studies: list[Study], *, batch_size: int = 16,
                      max_new_tokens: int = 256, eos_token_ids=(), pad_token_id: int = 0,
-                     suppress_token_ids=(), temperature: float = 0.0, generator=None,
+                     suppress_token_ids=(), temperature: float = 0.0, top_p: float = 1.0, generator=None,
                      prompt_cache: PromptCache | None = None) -> list[str]:
-    """Greedy (by default) completions for every study, in order."""
+    """Greedy (by default) completions for every study, in order; temperature > 0 samples
+    (with top_p < 1: from the nucleus)."""
     device = next(model.parameters()).device
     texts = []
     for s in range(0, len(studies), batch_size):
         prompts = encode_prompts(processor, studies[s:s + batch_size], device, prompt_cache)
         out, mask = generate(model, prompts["input_ids"], prompts["attention_mask"],
                              prompts.get("pixel_values"), prompts.get("image_grid_thw"),
-                             max_new_tokens=max_new_tokens, temperature=temperature,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
                              suppress_token_ids=suppress_token_ids, generator=generator)
         texts += decode_completions(processor, out, mask, pad_token_id)

@@ -340,3 +340,26 @@ def test_the_command_line_exits_with_one_error_line(tmp_path):
                             capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 2
     assert result.stderr == f"error: --predictions {tmp_path / 'none.jsonl'}: no such file\n"
+
+
+def test_top_p_samples_from_the_nucleus_as_generate_does(demo, tmp_path):
+    """--temperature 1 --top-p 0.5 writes the reports that generate() samples with the same
+    seed and nucleus (evaluate.py decodes each batch with one generator, seeded by --seed)."""
+    from mrgr1.generate import generate
+
+    data_root, policy = demo
+    evaluate.main(_model_args(demo, tmp_path, "--temperature", "1", "--top-p", "0.5", "--batch-size", "5",
+                              "--seed", "3", "--max-pixels", str(56 * 56), "--min-pixels", str(56 * 56)))
+    model, processor = pipeline.load_policy(policy, min_pixels=56 * 56, max_pixels=56 * 56)
+    studies = pipeline.load_studies("demo", data_root, "test")
+    special = pipeline.special_ids(processor)
+    prompts = trainer.encode_prompts(processor, studies)
+    out, mask = generate(model, prompts["input_ids"], prompts["attention_mask"], prompts["pixel_values"],
+                         prompts["image_grid_thw"], max_new_tokens=8, temperature=1.0, top_p=0.5,
+                         generator=torch.Generator().manual_seed(3), **special)
+    expected = trainer.decode_completions(processor, out, mask, special["pad_token_id"])
+    assert [r["generated"] for r in _lines(tmp_path / "predictions.jsonl")] == expected
+    greedy = trainer.generate_reports(model, processor, studies, max_new_tokens=8, **special)
+    nucleus_only = trainer.generate_reports(model, processor, studies, max_new_tokens=8, temperature=1.0,
+                                            top_p=1e-6, generator=torch.Generator().manual_seed(0), **special)
+    assert nucleus_only == greedy  # a nucleus of one token is the most likely token
