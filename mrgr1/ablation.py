@@ -339,6 +339,22 @@ def markdown(args, table: dict, extra_steps: int, minutes: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def observation_table(args) -> str:
+    """F1 per observation (positive only, evaluate.py's per_observation) of every row, mean over
+    seeds: which findings each way of training gets into the greedy reports."""
+    rows = [name for name, _, _ in ROWS if name in args.rows]
+    scores = {name: [read_json(os.path.join(args.output_dir, f"seed{seed}", name, "eval", "metrics.json"))
+                     ["per_observation"] for seed in range(args.seeds)] for name in rows}
+    first = scores[rows[0]][0]
+    lines = ["F1 per observation (positive only), " + ("mean over seeds" if args.seeds > 1 else "seed 0")
+             + "; support = test studies whose reference states it:", "",
+             "| observation | support | " + " | ".join(rows) + " |", "|" + "---|" * (len(rows) + 2)]
+    for obs, first_scores in first.items():
+        cells = [f"{statistics.mean(s[obs]['f1'] for s in scores[name]):.2f}" for name in rows]
+        lines.append(f"| {obs} | {first_scores['support']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(table: dict, out: str) -> bool:
     """CE-F1 micro per row, mean with sample-std error bars and each seed as a dot."""
     try:
@@ -384,7 +400,7 @@ def main(argv=None) -> dict:
     table = collect(args)
     minutes = sum((read_json(os.path.join(args.output_dir, f"seed{s}", n, "timing.json")) or {}).get("seconds", 0)
                   for s in range(args.seeds) for n in args.rows) / 60
-    text = markdown(args, table, extra, minutes)
+    text = markdown(args, table, extra, minutes) + "\n" + observation_table(args)
     with open(os.path.join(args.output_dir, "ablation.md"), "w", encoding="utf-8") as f:
         f.write(text)
     with open(os.path.join(args.output_dir, "ablation.json"), "w", encoding="utf-8") as f:

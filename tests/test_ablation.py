@@ -165,6 +165,21 @@ def test_table_numbers_are_the_rows_own_metric_files(runs):
         assert cells[label] == expected + [f"{sum(lengths) / 2:.1f}"]
 
 
+def test_per_observation_f1_table_is_the_rows_own_metric_files(runs):
+    """Below the main table, F1 per observation for every row: which findings each way of
+    training gets into the reports (here one seed, so the seed's own values)."""
+    out = runs["out"]
+    cells = table_rows(os.path.join(out, "ablation.md"))
+    assert cells["observation"] == ["support"] + [row for row, _, _ in ablation.ROWS]
+    metrics = {}
+    for row, _, _ in ablation.ROWS:
+        with open(metrics_path(out, row), encoding="utf-8") as f:
+            metrics[row] = json.load(f)["per_observation"]
+    assert len(metrics["sft"]) == 14
+    for obs, scores in metrics["sft"].items():
+        assert cells[obs] == [str(scores["support"])] + [f"{metrics[row][obs]['f1']:.2f}" for row, _, _ in ablation.ROWS]
+
+
 def test_mean_and_sample_std_over_seeds():
     assert ablation.summarize([0.5, 0.7], 4) == "0.6000 ± 0.1414"  # std with n - 1: sqrt(0.02)
     assert ablation.summarize([0.5], 4) == "0.5000"
