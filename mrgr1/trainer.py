@@ -278,7 +278,7 @@ def grpo_step(model, processor, studies: list[Study], labeler, optimizer, schedu
     """
     G, special = cfg.num_generations, dict(eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
     device = next(model.parameters()).device
-    model.eval()  # no dropout while sampling and while computing the old / reference log-probs
+    model.eval()  # no dropout while sampling and while computing the reference log-probs
 
     # ---- 1. prompts: system turn, the study's views, the instruction; left padded     [B, P]
     prompts = encode_prompts(processor, studies, device, prompt_cache)
@@ -315,7 +315,7 @@ def grpo_step(model, processor, studies: list[Study], labeler, optimizer, schedu
     normalizer = distributed.sum_across_ranks(grpo.loss_normalizer(mask, cfg.loss_type, cfg.max_new_tokens))
     num_parts = len(parts_of_batch) * distributed.world_size()                      # bnpo: per micro-batch
     params = [p for p in model.parameters() if p.requires_grad]
-    lora.train_without_dropout(model)  # the log-probs of step 5, with grad: r = 1 before the first update
+    lora.train_without_dropout(model)  # dropout off, as when sampling: the first pass gives pi_old
     history, old_logps = [], []
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
