@@ -364,8 +364,9 @@ def resume_state(args, studies: list[data.Study], pred_path: str) -> list[dict]:
     return done
 
 
-def run_model(args, device) -> list[dict]:
-    """Generate, label and append predictions for every study not done yet; returns all records."""
+def run_model(args, device) -> tuple[list[dict], list[data.Study]]:
+    """Generate, label and append predictions for every study not done yet; returns all records
+    and the studies they are for, in split order."""
     split = pipeline.load_studies(args.dataset, args.data_root, args.split, all_images=args.all_images)
     studies = split[:args.limit] if args.limit else split
     check_policy(args)
@@ -394,7 +395,7 @@ def run_model(args, device) -> list[dict]:
             bar.update(len(batch))
         bar.close()
     by_id = {r["id"]: r for r in read_predictions(pred_path)}
-    return [by_id[s.id] for s in studies]  # split order
+    return [by_id[s.id] for s in studies], studies  # split order
 
 
 # ----------------------------------------------------------------------------- main
@@ -407,9 +408,9 @@ def evaluate(args) -> dict:
         records = read_predictions(args.predictions)
         labelled = label_missing(records, lazy_labeler(args, device), relabel=args.relabel)
         labels_from = args.labeler if labelled else "the predictions file"
-        source = args.predictions
+        source, studies = args.predictions, []
     else:
-        records = run_model(args, device)
+        records, studies = run_model(args, device)
         labels_from, source = args.labeler, os.path.join(args.output_dir, PREDICTIONS_FILE)
     scores = score_records(records)
     scores["labeler"] = labels_from
@@ -423,8 +424,7 @@ def evaluate(args) -> dict:
         print(f"{'format reward (mean)':<32}{scores['format_reward/mean']:8.4f}")
     print(f"{'empty reports':<32}{scores['num_empty_reports']:8d}\nwrote {out}")
     if args.html:  # a predictions file has no images; a model run shows each study's views
-        views = {} if args.predictions else {s.id: s.image_paths for s in pipeline.load_studies(
-            args.dataset, args.data_root, args.split, all_images=args.all_images)}
+        views = {s.id: s.image_paths for s in studies}
         page = viewer.write_eval_report(args.output_dir, records, scores, labeler=labels_from, image_paths=views)
         print(f"wrote {page}")
     return scores

@@ -116,8 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    if tracking.missing_package(args.report_to):  # before any work
-        p.error(tracking.missing_package(args.report_to))
+    missing = tracking.missing_package(args.report_to)
+    if missing:  # before any work
+        p.error(missing)
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
     return args
 

@@ -296,20 +296,18 @@ def summarize(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def collect(args) -> dict:
-    """{row: {column: [value per seed]}} for every requested row scored on every seed."""
+def seed_scores(args) -> dict:
+    """{row: [row_scores of seed 0, 1, ...]} for every requested row; each seed's tokenizer (its
+    start's) loaded once."""
     settings = train_settings(common_train_flags(args))
-    table = {}
-    for name, _, _ in ROWS:
-        if name not in args.rows:
-            continue
-        per_seed = []
-        for seed in range(args.seeds):
-            folder = os.path.join(args.output_dir, f"seed{seed}", name)
-            processor = Processor.from_pretrained(start_folder(args, settings, seed))  # every row's tokenizer
-            per_seed.append(row_scores(folder, processor))
-        table[name] = {key: [s[key] for s in per_seed] for key, _, _ in COLUMNS}
-    return table
+    processors = [Processor.from_pretrained(start_folder(args, settings, seed)) for seed in range(args.seeds)]
+    return {name: [row_scores(os.path.join(args.output_dir, f"seed{seed}", name), processors[seed])
+                   for seed in range(args.seeds)] for name, _, _ in ROWS if name in args.rows}
+
+
+def collect(scores: dict) -> dict:
+    """{row: {column: [value per seed]}} from seed_scores."""
+    return {name: {key: [s[key] for s in per_seed] for key, _, _ in COLUMNS} for name, per_seed in scores.items()}
 
 
 def settings_line(settings: argparse.Namespace, extra_steps: int) -> str:
@@ -339,18 +337,18 @@ def markdown(args, table: dict, extra_steps: int, minutes: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def observation_table(args) -> str:
+def observation_table(scores: dict) -> str:
     """F1 per observation (positive only, evaluate.py's per_observation) of every row, mean over
-    seeds: which findings each way of training gets into the greedy reports."""
-    rows = [name for name, _, _ in ROWS if name in args.rows]
-    scores = {name: [read_json(os.path.join(args.output_dir, f"seed{seed}", name, "eval", "metrics.json"))
-                     ["per_observation"] for seed in range(args.seeds)] for name in rows}
-    first = scores[rows[0]][0]
-    lines = ["F1 per observation (positive only), " + ("mean over seeds" if args.seeds > 1 else "seed 0")
+    seeds: which findings each way of training gets into the greedy reports. scores: seed_scores."""
+    rows = list(scores)
+    seeds = len(scores[rows[0]])
+    f1s = {name: [s["per_observation"] for s in per_seed] for name, per_seed in scores.items()}
+    first = f1s[rows[0]][0]
+    lines = ["F1 per observation (positive only), " + ("mean over seeds" if seeds > 1 else "seed 0")
              + "; support = test studies whose reference states it:", "",
              "| observation | support | " + " | ".join(rows) + " |", "|" + "---|" * (len(rows) + 2)]
     for obs, first_scores in first.items():
-        cells = [f"{statistics.mean(s[obs]['f1'] for s in scores[name]):.2f}" for name in rows]
+        cells = [f"{statistics.mean(s[obs]['f1'] for s in f1s[name]):.2f}" for name in rows]
         lines.append(f"| {obs} | {first_scores['support']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -397,10 +395,11 @@ def main(argv=None) -> dict:
           f"SFT start {settings.sft_steps} steps, extra SFT {extra} steps; output {args.output_dir}", flush=True)
     for seed in range(args.seeds):
         run_seed(args, seed)
-    table = collect(args)
+    scores = seed_scores(args)
+    table = collect(scores)
     minutes = sum((read_json(os.path.join(args.output_dir, f"seed{s}", n, "timing.json")) or {}).get("seconds", 0)
                   for s in range(args.seeds) for n in args.rows) / 60
-    text = markdown(args, table, extra, minutes) + "\n" + observation_table(args)
+    text = markdown(args, table, extra, minutes) + "\n" + observation_table(scores)
     with open(os.path.join(args.output_dir, "ablation.md"), "w", encoding="utf-8") as f:
         f.write(text)
     with open(os.path.join(args.output_dir, "ablation.json"), "w", encoding="utf-8") as f:
