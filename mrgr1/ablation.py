@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 
-from . import checkpoint, weights
+from . import checkpoint, viewer, weights
 from .processing import Processor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where train_grpo.py lives
@@ -355,11 +355,8 @@ def observation_table(scores: dict) -> str:
 
 def plot(table: dict, out: str) -> bool:
     """CE-F1 micro per row, mean with sample-std error bars and each seed as a dot."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = viewer.pyplot()
+    if plt is None:
         return False
     labels = {name: label for name, label, _ in ROWS}
     names = list(table)

@@ -302,7 +302,7 @@ def smoothing_note(n: int) -> str:
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot drawing to files, or None when matplotlib is not installed (optional)."""
     try:
         import matplotlib
@@ -316,7 +316,7 @@ def _pyplot():
 def plot_curves(log_path: str, out: str, results: dict | None = None) -> str | None:
     """The curves of a run's metrics.jsonl as a PNG (raw values faint, moving average bold, the
     before/after test CE-F1 in the title); None when matplotlib is not installed."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     rows = read_metrics(log_path)
@@ -404,7 +404,7 @@ def bar_chart(per_observation: dict, out_png: str) -> str:
     without matplotlib."""
     names = list(per_observation)
     metrics = ("precision", "recall", "f1")
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return _svg_bars(per_observation, metrics)
     fig, ax = plt.subplots(figsize=(12, 3.6))
