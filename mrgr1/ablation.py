@@ -6,18 +6,17 @@
 
 MRG-R1 (arXiv 2512.16145) argues by comparison: GRPO on 0.75 MCCS + 0.25 format beats token-level
 MLE, removing either reward hurts, and MCCS beats a plain CE-F1 reward and lexical (NLG) rewards.
-This command trains and scores those rows with the repository's own command lines, each job a
+This command trains and scores those rows with the package's own command lines (`python -m
+mrgr1.train`, `python -m mrgr1.evaluate`: what train_grpo.py and evaluate.py run), each job a
 subprocess with its own folder (<output-dir>/seed<s>/<row>/), so every row is the exact run a user
-would get from train_grpo.py and evaluate.py:
+would get:
 
-    sft          train_grpo.py --steps 1                  the SFT start (MLE): its sft/ folder, saved
-                                                          before the one GRPO step train_grpo.py
-                                                          takes at least (unused); every other row
-                                                          of the seed starts from it
-    sft_more     train_grpo.py --policy START --sft-steps E --steps 1     (its sft/ folder likewise)
+    sft          train --steps 0                          the SFT start (MLE): its sft/ folder; every
+                                                          other row of the seed starts from it
+    sft_more     train --policy START --sft-steps E --steps 0              (its sft/ folder likewise)
                  E extra SFT steps with LoRA (the parameters GRPO trains), E matched to GRPO's compute
-    grpo_*       train_grpo.py --policy START --sft-steps 0 --reward R --reward-weights W
-    every row    evaluate.py --policy START|<row>/sft [--adapter <row>/final] on the same test studies
+    grpo_*       train --policy START --sft-steps 0 --reward R --reward-weights W
+    every row    evaluate --policy START|<row>/sft [--adapter <row>/final] on the same test studies
 
 Compute (ours, stated plainly): sequences passed forward and backward. A GRPO step passes
 B x G x num_iterations (prompt + completion) sequences, an SFT step sft_batch_size (prompt +
@@ -31,8 +30,6 @@ Outputs: <output-dir>/ablation.md (mean +- sample std over seeds), ablation.json
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import math
 import os
@@ -42,10 +39,8 @@ import subprocess
 import sys
 import time
 
-from . import checkpoint, viewer, weights
+from . import checkpoint, train, viewer, weights
 from .processing import Processor
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where train_grpo.py lives
 
 # (name, label, train_grpo.py flags). The CE-F1 and BLEU rows keep the 0.25 format weight, so that
 # only the content reward changes against the paper's row (ours: the paper does not say).
@@ -85,8 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--eval-limit", type=int, default=None, help="test studies scored (default train_grpo.py's --eval-limit)")
     a("--eval-batch-size", type=int, default=8, help="studies decoded together by evaluate.py")
     for knob in TRAIN_KNOBS:
-        a("--" + knob.replace("_", "-"), default=None, type=str, help="passed to train_grpo.py")
-    a("--train-args", default="", help="more train_grpo.py flags for every training job, one string")
+        a("--" + knob.replace("_", "-"), default=None, type=str, help="passed to the training command line")
+    a("--train-args", default="", help="more training flags for every training job, one string")
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or os.path.join("runs", f"ablation-{args.dataset}")
     names = [r[0] for r in ROWS]
@@ -101,26 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- the command lines
 
-def script(name: str) -> str:
-    """The path of a repository-root command line (train_grpo.py, evaluate.py)."""
-    path = os.path.join(ROOT, name)
-    if not os.path.isfile(path):
-        raise AblationError(f"{name} not found in {ROOT}: the ablation drives the repository's command "
-                            f"lines; run it from a clone installed with `pip install -e .`")
-    return path
-
-
-@functools.lru_cache(maxsize=1)
-def train_grpo_module():
-    spec = importlib.util.spec_from_file_location("_ablation_train_grpo", script("train_grpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def train_settings(argv: list[str]) -> argparse.Namespace:
-    """train_grpo.py's own parse_args on these flags: its defaults (demo or real) filled in."""
-    return train_grpo_module().parse_args(argv)
+def train_settings(argv: list[str]):
+    """The run configuration the training command line builds from these flags (demo or real preset)."""
+    return train.parse_args(argv)
 
 
 def extra_sft_steps(settings: argparse.Namespace) -> int:
@@ -199,7 +177,7 @@ def train_row(name: str, flags: list[str], folder: str, done_file: str) -> float
         return 0.0
     os.makedirs(folder, exist_ok=True)
     # the rows are scored by evaluate.py: no evaluation inside the training job
-    cmd = [sys.executable, script("train_grpo.py"), *with_flags(flags, "--eval-limit", "0", "--sample-every", "0"),
+    cmd = [sys.executable, "-m", "mrgr1.train", *with_flags(flags, "--eval-limit", "0", "--sample-every", "0"),
            "--output-dir", folder]
     if checkpoint.find_latest(folder):
         cmd.append("--resume")
@@ -217,10 +195,10 @@ def eval_limit(args, settings) -> int:
 def evaluate_row(args, settings, name: str, folder: str, policy: str, adapter: str | None) -> float:
     eval_dir = os.path.join(folder, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    cmd = [sys.executable, script("evaluate.py"), "--dataset", args.dataset, "--policy", policy,
+    cmd = [sys.executable, "-m", "mrgr1.evaluate", "--dataset", args.dataset, "--policy", policy,
            "--weights-dir", args.weights_dir, "--labeler", settings.labeler, "--split", "test",
            "--max-new-tokens", str(settings.max_new_tokens), "--limit", str(eval_limit(args, settings)),
-           "--batch-size", str(args.eval_batch_size), "--dtype", settings.dtype, "--output-dir", eval_dir]
+           "--eval-batch-size", str(args.eval_batch_size), "--dtype", settings.dtype, "--output-dir", eval_dir]
     for key in ("data_root", "chexbert_weights", "device"):
         if getattr(args, key) is not None:
             cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
@@ -239,13 +217,12 @@ def start_folder(args, settings, seed: int) -> str:
 
 
 def ensure_start(args, settings, base: list[str], seed: int) -> float:
-    """Train the seed's SFT start unless it exists or is a pretrained policy. train_grpo.py takes at
-    least one GRPO step; the start is its sft/ folder, saved before that step, which goes unused."""
+    """Train the seed's SFT start (SFT alone: --steps 0) unless it exists or is a pretrained policy."""
     start = start_folder(args, settings, seed)
     if settings.sft_steps == 0 and settings.policy != "demo":
         return 0.0
     marker = os.path.join(start, "config.json" if settings.sft_steps else "model.safetensors")  # written last
-    return train_row("sft", with_flags(base, "--steps", "1"), os.path.dirname(start), marker)
+    return train_row("sft", with_flags(base, "--steps", "0"), os.path.dirname(start), marker)
 
 
 def run_seed(args, seed: int) -> None:
@@ -264,7 +241,7 @@ def run_seed(args, seed: int) -> None:
             policy, adapter = start, None
         elif name == "sft_more":
             steps = extra_sft_steps(train_settings(with_flags(base, *GRPO_ROWS[0][2])))
-            seconds += train_row(name, with_flags(from_start, "--sft-steps", str(steps), "--steps", "1"), folder,
+            seconds += train_row(name, with_flags(from_start, "--sft-steps", str(steps), "--steps", "0"), folder,
                                  os.path.join(folder, "sft", "config.json"))
             policy, adapter = os.path.join(folder, "sft"), None
         else:
@@ -381,8 +358,6 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv
-    for name in ("train_grpo.py", "evaluate.py"):  # both there, before any work
-        script(name)
     os.makedirs(args.output_dir, exist_ok=True)
     check_settings(args)
     settings = train_settings(common_train_flags(args))

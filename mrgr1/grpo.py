@@ -176,6 +176,23 @@ def part_normalizer(loss_type: str, whole: float, part_mask: torch.Tensor, num_p
     return whole
 
 
+def micro_batch_normalizers(mask: torch.Tensor, slices: list[slice], loss_type: str, max_len: int | None,
+                            *, world_size: int = 1, sum_over_ranks=lambda x: x) -> list[float]:
+    """The denominator of each micro-batch's loss, chosen by loss_type, so that the losses of the K
+    micro-batches on every one of the W ranks SUM to the step's loss (and so do the gradients).
+
+    mask [N, T] is this rank's completion mask, `slices` its K micro-batches. grpo, dapo and
+    dr_grpo divide every micro-batch by the whole step's `loss_normalizer` (summed over ranks:
+    `sum_over_ranks`, e.g. distributed.sum_across_ranks); bnpo by the micro-batch's own token count
+    times K * W (`part_normalizer`). The one place where the loss type picks a normaliser.
+    Worked example, dapo, one rank, 2 micro-batches with 3 and 1 tokens: [4.0, 4.0];
+    bnpo: [3 * 2, 1 * 2] = [6.0, 2.0].
+    """
+    whole = sum_over_ranks(loss_normalizer(mask, loss_type, max_len))
+    num_parts = len(slices) * world_size
+    return [part_normalizer(loss_type, whole, mask[s], num_parts) for s in slices]
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo",
               max_len: int | None = None, normalizer: float | None = None) -> torch.Tensor:
     """Reduce a per-token loss [N, T] over completion tokens (mask 1) to a scalar.

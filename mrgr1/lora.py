@@ -138,9 +138,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def apply_lora(
     model: nn.Module,
-    rank: int = 16,
-    alpha: float = 32.0,
-    dropout: float = 0.05,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
     targets: tuple[str, ...] = LORA_TARGETS,
     only_under: str | None = "model.language_model",
     verbose: bool = False,
@@ -199,9 +200,10 @@ def adapters_disabled(model: nn.Module):
 def train_without_dropout(model: nn.Module) -> nn.Module:
     """Train mode (gradient checkpointing stays on) with every dropout layer off.
 
-    GRPO's update must compute the log-probs its old and reference log-probs were computed with
-    (eval mode): with LoRA dropout on, r = pi_theta / pi_old would differ from 1 and clip before
-    any update. TRL calls this disable_dropout. SFT keeps its dropout (plain model.train())."""
+    GRPO's update computes pi_old as its own first pass and pi_ref in eval mode; with dropout on,
+    the update's log-probs would be those of a thinned network, not of the policy that sampled the
+    completions (and the reference's KL would compare unlike with like). TRL calls this
+    disable_dropout. SFT keeps its dropout (plain model.train())."""
     model.train()
     for module in model.modules():
         if isinstance(module, nn.Dropout):

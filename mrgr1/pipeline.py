@@ -26,7 +26,7 @@ import torch
 from . import checkpoint, data, labels, synthetic, weights
 from .processing import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, QWEN25_VL_CHAT_TEMPLATE, Processor,
                          train_demo_tokenizer)
-from .trainer import INSTRUCTION, SFT_THINK, SYSTEM_PROMPT
+from .run_config import DEMO_PIXELS
 from .vlm import Qwen2_5_VL
 from .config import preset
 
@@ -66,14 +66,16 @@ def build_labeler(kind: str, chexbert_weights: str | None = None, weights_dir: s
 
 
 DEMO_VOCAB = 1024  # BPE vocabulary trained on the demo reports (ours): short sequences, fast steps
-DEMO_PIXELS = 84 * 84  # the demo's 112 px views are resized to 84 px: 6x6 patches, 9 tokens (ours)
 
 
-def demo_policy_folder(folder: str, train_reports: list[str], seed: int = 0, vocab_size: int = DEMO_VOCAB) -> str:
-    """Write the untrained demo policy (preset "demo") with a demo tokenizer to `folder` (HF layout)."""
+def demo_policy_folder(folder: str, train_reports: list[str], wording: tuple[str, ...], seed: int = 0,
+                       vocab_size: int = DEMO_VOCAB) -> str:
+    """Write the untrained demo policy (preset "demo") with a demo tokenizer to `folder` (HF layout).
+
+    wording: the run's fixed prompt texts (system prompt, instruction, SFT think sentence), repeated
+    in the tokenizer's training text so that BPE merges them into few tokens: shorter prompts."""
     os.makedirs(folder, exist_ok=True)
-    # the fixed prompt texts are repeated so that BPE merges them into few tokens: shorter prompts
-    texts = train_reports + [SYSTEM_PROMPT, INSTRUCTION, SFT_THINK] * 50
+    texts = train_reports + list(wording) * 50
     tokenizer = train_demo_tokenizer(texts, vocab_size=vocab_size).tokenizer
     processor = Processor(tokenizer, min_pixels=DEMO_PIXELS, max_pixels=DEMO_PIXELS)
     processor.save_pretrained(folder)

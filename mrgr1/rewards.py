@@ -10,12 +10,13 @@ MRG-R1 (arXiv 2512.16145) rewards a completion with
 For the paper's ablations the clinical part can be swapped for a per-report
 CE-F1 reward or a sentence-BLEU-4 lexical reward (`kind="ce_f1" | "bleu"`).
 
-The paper does not publish the margin m: our default is 0.5.
+The paper does not publish the margin m: the run configuration's default (0.5) is ours.
 
 Example:
     >>> labeler = CheXbert.from_pretrained(weights, vocab)  # or any object with .label(list[str])
     >>> cache = {}                # reference labels by study id, kept across steps
-    >>> total, parts = compute_rewards(completions, study_ids, ref_reports, labeler, cache=cache)
+    >>> total, parts = compute_rewards(completions, study_ids, ref_reports, labeler, weights={"mccs": 0.75,
+    ...     "format": 0.25}, margin=0.5, mapping=(0, 1, -1, 1), cache=cache)
     >>> total.shape, sorted(parts)   # (torch.Size([N]), ['format', 'mccs'])
 """
 import math
@@ -26,9 +27,6 @@ import torch
 
 from mrgr1.labels import BLANK, CONDITIONS, NEGATIVE, NO_FINDING, POSITIVE, UNCERTAIN
 
-# CheXbert code -> signed value; uncertain counts as present, as in the paper.
-DEFAULT_MAPPING = {BLANK: 0.0, POSITIVE: 1.0, NEGATIVE: -1.0, UNCERTAIN: 1.0}
-DEFAULT_MARGIN = 0.5  # ours: the paper does not publish m
 KINDS = ("mccs", "ce_f1", "bleu")
 
 
@@ -57,10 +55,10 @@ def _mapping_table(mapping) -> torch.Tensor:
     return torch.tensor([float(v) for v in mapping])
 
 
-def signed_vectors(labels: torch.Tensor, mapping=DEFAULT_MAPPING) -> torch.Tensor:
+def signed_vectors(labels: torch.Tensor, mapping) -> torch.Tensor:
     """CheXbert codes [N, 14] -> signed vectors v [N, 13] (No Finding dropped).
 
-    Worked example (default mapping: positive 1, negative -1, uncertain 1, blank 0):
+    Worked example (the paper's mapping: positive 1, negative -1, uncertain 1, blank 0):
         Cardiomegaly positive, Edema negative, Atelectasis uncertain, No Finding any
         -> v has 1 at Cardiomegaly, -1 at Edema, 1 at Atelectasis, 0 elsewhere.
     """
@@ -86,8 +84,7 @@ def ccs(v_hat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.where(hat_zero & ref_zero, 1.0, cos)
 
 
-def mccs(gen_labels: torch.Tensor, ref_labels: torch.Tensor, margin: float = DEFAULT_MARGIN,
-         mapping=DEFAULT_MAPPING) -> torch.Tensor:
+def mccs(gen_labels: torch.Tensor, ref_labels: torch.Tensor, margin: float, mapping) -> torch.Tensor:
     """Margin-based CCS: MCCS = max((CCS - m) / (1 - m), 0), per report -> [N] in [0, 1].
 
     gen_labels, ref_labels: CheXbert codes [N, 14]. m = `margin` (ours: 0.5, not published).
@@ -234,8 +231,8 @@ def reference_labels(study_ids: list, ref_reports: list[str], labeler, cache: di
 
 
 def clinical_reward(reports: list[str], study_ids: list, ref_reports: list[str], labeler, *,
-                    kind: str = "mccs", margin: float = DEFAULT_MARGIN, mapping=DEFAULT_MAPPING,
-                    cache: dict | None = None, details: dict | None = None) -> torch.Tensor:
+                    kind: str, margin: float, mapping, cache: dict | None = None,
+                    details: dict | None = None) -> torch.Tensor:
     """The content part of the reward for extracted reports -> [N]: MCCS, CE-F1 or BLEU-4.
 
     An empty report scores 0 (ours): otherwise it would label as "nothing mentioned" and earn
@@ -258,20 +255,19 @@ def clinical_reward(reports: list[str], study_ids: list, ref_reports: list[str],
 
 
 def compute_rewards(completions: list[str], study_ids: list, ref_reports: list[str], labeler, *,
-                    weights: dict | None = None, margin: float = DEFAULT_MARGIN, kind: str = "mccs",
-                    mapping=DEFAULT_MAPPING, cache: dict | None = None, details: dict | None = None):
+                    weights: dict, margin: float, mapping, kind: str = "mccs", cache: dict | None = None,
+                    details: dict | None = None):
     """Total reward R = w_kind * clinical + w_format * format for N completions.
 
     completions: decoded texts [N]; study_ids / ref_reports: the study of each completion [N]
     (repeat them G times for G rollouts). labeler: anything with `.label(list[str]) -> [N, 14]`
-    (unused for kind="bleu"). weights: {kind: w, "format": w}, default {kind: 0.75, "format": 0.25}
-    as in the paper. cache: a dict kept by the trainer so references are labelled once per study.
+    (unused for kind="bleu"). weights: {kind: w, "format": w} (the paper's: 0.75 and 0.25).
+    margin, mapping: see `mccs`. cache: a dict kept by the trainer so references are labelled once per study.
     details: see `clinical_reward`.
     Returns (total [N], parts {kind: [N], "format": [N]}) so each part can be logged.
     """
     if kind not in KINDS:
         raise ValueError(f"reward kind must be one of {KINDS}, got {kind!r}")
-    weights = {kind: 0.75, "format": 0.25} if weights is None else weights
     if set(weights) != {kind, "format"}:
         raise ValueError(f"reward weights need exactly the keys {{{kind!r}, 'format'}} for "
                          f"kind={kind!r}, got {sorted(weights)}")

@@ -160,11 +160,11 @@ def _group_rows(rollout, b: int, G: int, content: str) -> str:
     out = []
     for i in sorted(rows, key=lambda i: -float(rollout.advantages[i])):
         adv, reward = float(rollout.advantages[i]), float(rollout.rewards[i])
-        fmt = float(rollout.reward_parts["format"][i])
+        fmt = float(rollout.reward_terms["format"][i])
         cells = [f'<td class="num adv">{adv:+.4f}</td>', f'<td class="num">{_num(reward)}</td>']
         if rollout.ccs is not None:
             cells.append(f'<td class="num">{_num(rollout.ccs[i])}</td>')
-        cells += [f'<td class="num">{_num(rollout.reward_parts[content][i])}</td>',
+        cells += [f'<td class="num">{_num(rollout.reward_terms[content][i])}</td>',
                   f'<td class="num">{fmt:g}</td>',
                   f'<td class="num">{int(rollout.completion_mask[i].sum())}</td>',
                   f'<td>{"yes" if bool(rollout.truncated[i]) else "no"}</td>']
@@ -209,7 +209,7 @@ def write_rollout_page(output_dir: str, step: int, rollout, studies: list, stats
     """<output_dir>/rollouts/step-<step>.html for one step's rollout, and the index updated to link
     it; returns the page's path.
 
-    rollout: a trainer.Rollout (texts [N], rewards [N], reward_parts {kind, "format"} [N],
+    rollout: a trainer.Rollout (texts [N], rewards [N], reward_terms {kind, "format"} [N],
     advantages [N], truncated [N], completion_mask [N, C], labels / ref_labels [N, 14] or None,
     ccs [N] or None); row i belongs to studies[i // G]. stats: the step's metrics, shown on top.
     """
@@ -218,7 +218,7 @@ def write_rollout_page(output_dir: str, step: int, rollout, studies: list, stats
         raise ValueError(f"write_rollout_page: {n} completions cannot be split into groups for "
                          f"{B} studies; pass the studies of this rank's batch, in rollout order")
     G = n // B
-    content = next(k for k in rollout.reward_parts if k != "format")
+    content = next(k for k in rollout.reward_terms if k != "format")
     body = [f'<p><a href="index.html">all steps</a></p><h1>GRPO step {step}</h1>', _stats_line(stats),
             f'<p class="muted">{B} studies x {G} completions. Completions are sorted by advantage, highest '
             f"first; every number is the one this step trained on. Completion text: "

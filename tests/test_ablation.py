@@ -1,7 +1,7 @@
 """python -m mrgr1.ablation on a 2-study, 2-step demo: every row trained and scored, resumable, and
 its table made of the rows' own metric files.
 
-The jobs (train_grpo.py / evaluate.py command lines) run in this process here, through the same
+The jobs (`python -m mrgr1.train` / `-m mrgr1.evaluate`) run in this process here, through the same
 main() functions the subprocesses call, to spare CI one Python start per job; test_run_job_*
 covers the subprocess runner itself."""
 import json
@@ -10,9 +10,7 @@ import sys
 
 import pytest
 
-import evaluate
-import train_grpo
-from mrgr1 import ablation, synthetic
+from mrgr1 import ablation, evaluate, synthetic, train
 from mrgr1.processing import Processor
 
 ARGS = ["--dataset", "demo", "--seeds", "1", "--sft-steps", "2", "--steps", "2", "--batch-size", "2",
@@ -21,12 +19,12 @@ ARGS = ["--dataset", "demo", "--seeds", "1", "--sft-steps", "2", "--steps", "2",
 
 def in_process(jobs):
     """A run_job that runs the command line's main() here and records the command."""
-    mains = {"train_grpo.py": train_grpo.main, "evaluate.py": evaluate.main}
+    mains = {"mrgr1.train": train.main, "mrgr1.evaluate": evaluate.main}
 
     def run(cmd, log_path):
-        assert cmd[0] == sys.executable
+        assert cmd[:2] == [sys.executable, "-m"]  # library code: no path into the repository
         jobs.append(cmd)
-        mains[os.path.basename(cmd[1])](cmd[2:])
+        mains[cmd[2]](cmd[3:])
         return 0.0
     return run
 
@@ -69,12 +67,13 @@ def output_dir(cmd):
 
 
 def test_every_row_is_trained_from_one_sft_start_and_scored(runs):
-    train = [c for c in runs["jobs"][0] if c[1].endswith("train_grpo.py")]
-    scored = [c for c in runs["jobs"][0] if c[1].endswith("evaluate.py")]
+    train = [c for c in runs["jobs"][0] if c[2] == "mrgr1.train"]
+    scored = [c for c in runs["jobs"][0] if c[2] == "mrgr1.evaluate"]
     assert [output_dir(c) for c in train] == ["sft", "sft_more", "grpo_mccs_format", "grpo_mccs",
                                               "grpo_format", "grpo_ce_f1", "grpo_bleu"]
     start = os.path.join(runs["out"], "seed0", "sft", "sft")
     assert all(flag(c, "--policy") == start for c in train[1:])  # the one shared SFT start
+    assert [flag(c, "--steps") for c in train[:2]] == ["0", "0"]  # the SFT rows train SFT alone
     rewards = {output_dir(c): (flag(c, "--reward"), flag(c, "--reward-weights")) for c in train[2:]}
     assert rewards == {"grpo_mccs_format": ("mccs", "0.75,0.25"), "grpo_mccs": ("mccs", "1,0"),
                        "grpo_format": ("mccs", "0,1"), "grpo_ce_f1": ("ce_f1", "0.75,0.25"),
@@ -86,13 +85,13 @@ def test_every_row_is_trained_from_one_sft_start_and_scored(runs):
 
 def test_extra_sft_passes_as_many_sequences_as_grpo(runs):
     more = next(c for c in runs["jobs"][0] if "sft_more" in flag(c, "--output-dir"))
-    updates = train_grpo.parse_args(["--dataset", "demo"]).num_iterations  # the demo's default
+    updates = train.parse_args(["--dataset", "demo"]).num_iterations  # the demo's default
     # GRPO: 2 steps x 2 studies x 2 completions x updates; SFT: 2 sequences per step
     assert flag(more, "--sft-steps") == str(2 * 2 * 2 * updates // 2)
 
 
 def test_extra_sft_steps_for_the_demo_defaults():
-    settings = train_grpo.parse_args(["--dataset", "demo", "--beta", "0"])
+    settings = train.parse_args(["--dataset", "demo", "--beta", "0"])
     settings.steps, settings.batch_size, settings.num_generations, settings.sft_batch_size = 40, 8, 8, 16
     settings.num_iterations = 1
     assert ablation.extra_sft_steps(settings) == 160  # 40 x 8 x 8 / 16
@@ -194,9 +193,3 @@ def test_run_job_names_the_log_of_a_failed_command(tmp_path):
     ablation.run_job([sys.executable, "-c", "print('fine')"], log)
     with open(log, encoding="utf-8") as f:
         assert f.read().count("fine") == 2  # the command line and its output, appended
-
-
-def test_without_the_repository_command_lines_says_so_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablation, "ROOT", str(tmp_path))
-    with pytest.raises(ablation.AblationError, match=r"train_grpo.py not found in .*pip install -e \."):
-        ablation.main(["--dataset", "demo", "--output-dir", str(tmp_path / "out")])

@@ -19,7 +19,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import train_grpo
-from mrgr1 import checkpoint, data, distributed, grpo, labels, lora, pipeline, synthetic, trainer
+from mrgr1 import checkpoint, data, distributed, grpo, labels, lora, pipeline, sft, synthetic, trainer
+from mrgr1.prompts import PromptEncoder
+from mrgr1.run_config import RunConfig
+
+WORDING = (RunConfig.system_prompt, RunConfig.instruction, RunConfig.sft_think)  # the defaults
 
 TIMEOUT_S = 60
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -121,14 +125,14 @@ def one_step(model, start: dict, processor, studies, sampled, loss_type: str) ->
     first step (about lr * sign(g)), its result is proportional to the gradient, so a wrong
     normaliser shows."""
     model.load_state_dict(start, strict=False)
-    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=8, beta=0.04, loss_type=loss_type,
+    cfg = RunConfig(num_generations=2, max_new_tokens=8, beta=0.04, loss_type=loss_type,
                              max_grad_norm=1e9, grad_accum=2 if loss_type == "bnpo" else 1)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     real_sampler, real_rewards = trainer.sample_completions, trainer.compute_rewards
     trainer.sample_completions, trainer.compute_rewards = fixed_sampler(*sampled), fixed_rewards
     try:
-        stats, _ = trainer.grpo_step(model, processor, studies, labels.RuleLabeler(), optimizer, scheduler,
+        stats, _ = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies, labels.RuleLabeler(), optimizer, scheduler,
                                      cfg, None, **pipeline.special_ids(processor))
     finally:
         trainer.sample_completions, trainer.compute_rewards = real_sampler, real_rewards
@@ -143,8 +147,8 @@ def one_sft_step(model, start: dict, processor, studies) -> dict:
     model.load_state_dict(start, strict=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    loss = trainer.sft_step(model, processor, studies, optimizer, scheduler, max_grad_norm=1e9,
-                            eos_token_id=pipeline.special_ids(processor)["eos_token_ids"][0])
+    loss = sft.sft_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies, optimizer, scheduler,
+                        think=WORDING[2], max_grad_norm=1e9, eos_token_id=pipeline.special_ids(processor)["eos_token_ids"][0])
     return {**{f"sft/{k}": v for k, v in trainable(model).items()}, "sft/loss": torch.tensor([loss])}
 
 
@@ -160,10 +164,10 @@ def _update_my_rows(rank, folder, start, sampled, studies, out_dir):
     results.update(one_sft_step(model, start, processor, distributed.shard(studies)))
     # --scale-rewards batch: the std of every rank's rewards, not of this rank's
     trainer.compute_rewards = fixed_rewards
-    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=4, beta=0.0, scale_rewards="batch")
+    cfg = RunConfig(num_generations=2, max_new_tokens=4, beta=0.0, scale_rewards="batch")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    _, local = trainer.grpo_step(model, processor, distributed.shard(studies), labels.RuleLabeler(), optimizer,
+    _, local = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), distributed.shard(studies), labels.RuleLabeler(), optimizer,
                                  scheduler, cfg, torch.Generator().manual_seed(rank), **pipeline.special_ids(processor))
     results["batch_advantages"] = local.advantages
     save_file(results, os.path.join(out_dir, f"rank{rank}.safetensors"))
@@ -172,7 +176,7 @@ def _update_my_rows(rank, folder, start, sampled, studies, out_dir):
 
 def test_two_ranks_make_the_single_process_update_and_sft_step(demo_root, tmp_path):
     studies = data.load_split("demo", demo_root, "train")
-    folder = pipeline.demo_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
+    folder = pipeline.demo_policy_folder(str(tmp_path / "init"), [s.report for s in studies], WORDING)
     model, processor = pipeline.load_policy(folder)
     lora.apply_lora(model, rank=4, alpha=8, dropout=0.0)
     with torch.no_grad():  # lora_B starts at 0, which would leave lora_A's gradient 0
@@ -180,9 +184,9 @@ def test_two_ranks_make_the_single_process_update_and_sft_step(demo_root, tmp_pa
             if ".lora_B." in k:
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
     start = trainable(model)
-    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=8)
-    prompts = trainer.encode_prompts(processor, studies[:2])
-    sampled = trainer.sample_completions(model, prompts, cfg, torch.Generator().manual_seed(0),
+    cfg = RunConfig(num_generations=2, max_new_tokens=8)
+    prompts = PromptEncoder(processor, *WORDING[:2])(studies[:2])
+    sampled = trainer.sample_completions(model, prompts, cfg, torch.Generator().manual_seed(0), 2,
                                          **pipeline.special_ids(processor))          # [4, C] x 2, [4]
     expected = {}
     for loss_type in LOSS_TYPES:
@@ -221,7 +225,7 @@ def _train(rank, demo_root, out, result_dir):
     if rank != 0:  # only rank 0 writes checkpoints and adapters
         def refuse(*a, **k):
             raise AssertionError(f"rank {rank} tried to write a checkpoint")
-        checkpoint.save_checkpoint = train_grpo.checkpoint.save_checkpoint = refuse
+        checkpoint.save_checkpoint = refuse
         lora.save_adapter = refuse
     step = trainer.grpo_step
 

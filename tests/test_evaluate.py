@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import evaluate
-from mrgr1 import lora, pipeline, synthetic, trainer
+from mrgr1 import evaluate, evaluation, lora, pipeline, synthetic, trainer
+from mrgr1.prompts import PromptEncoder
+from mrgr1.run_config import RunConfig
 from mrgr1.labels import RuleLabeler
 from mrgr1.metrics import ce_scores, nlg_scores
 from mrgr1.vlm import Qwen2_5_VL
@@ -29,13 +30,14 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data_root = synthetic.generate(str(root / "demo"), n_train=6, n_val=0, n_test=N_TEST, image_size=56)
     reports = [s.report for s in pipeline.load_studies("demo", data_root, "train")]
-    return data_root, pipeline.demo_policy_folder(str(root / "policy"), reports)
+    wording = (RunConfig.system_prompt, RunConfig.instruction, RunConfig.sft_think)
+    return data_root, pipeline.demo_policy_folder(str(root / "policy"), reports, wording)
 
 
 def _model_args(demo, out, *extra):
     data_root, policy = demo
     return ["--dataset", "demo", "--data-root", data_root, "--policy", policy, "--labeler", "rules",
-            "--batch-size", "2", "--max-new-tokens", "8", "--device", "cpu", "--output-dir", str(out), *extra]
+            "--eval-batch-size", "2", "--max-new-tokens", "8", "--device", "cpu", "--output-dir", str(out), *extra]
 
 
 def _lines(path):
@@ -114,12 +116,12 @@ def test_resume_generates_only_the_missing_studies(demo, full_run, tmp_path, mon
     # k whole lines, then half of the next one: what a crash during a write leaves
     (tmp_path / "predictions.jsonl").write_text("".join(full[:k]) + full[k][: len(full[k]) // 2], encoding="utf-8")
     seen = []
-    real = trainer.generate_reports
+    real = evaluate.generate_reports
 
-    def counting(model, processor, studies, **kw):
+    def counting(model, processor, encoder, studies, *args, **kw):
         seen.extend(s.id for s in studies)
-        return real(model, processor, studies, **kw)
-    monkeypatch.setattr(trainer, "generate_reports", counting)
+        return real(model, processor, encoder, studies, *args, **kw)
+    monkeypatch.setattr(evaluate, "generate_reports", counting)
     resumed = evaluate.main(_model_args(demo, tmp_path))
     assert seen == [f"demo_test_{i:05d}" for i in range(k, N_TEST)]
     # greedy decoding is deterministic: the resumed file is the uninterrupted one, each id once
@@ -308,10 +310,10 @@ def test_a_training_runs_adapter_is_evaluated_at_the_resolution_training_used(de
 
 def test_flag_values_that_cannot_work_are_one_line_naming_each(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "load_studies", lambda *a, **kw: pytest.fail("data loaded"))
-    err = _exit_message(capsys, ["--batch-size", "0", "--top-p", "1.5", "--max-pixels", "-1",
+    err = _exit_message(capsys, ["--eval-batch-size", "0", "--top-p", "1.5", "--max-pixels", "-1",
                                  "--output-dir", str(tmp_path)])
-    assert err.count("\n") == 1 and err.startswith("error: invalid --batch-size 0")
-    assert "--top-p 1.5" in err and "--max-pixels -1" in err
+    assert err.count("\n") == 1 and err.startswith("error: invalid ")
+    assert "--eval-batch-size 0" in err and "--top-p 1.5" in err and "--max-pixels -1" in err
 
 
 def test_a_chexbert_file_that_would_run_code_is_one_error_line(tmp_path, capsys, minilm_dir):
@@ -348,18 +350,20 @@ def test_top_p_samples_from_the_nucleus_as_generate_does(demo, tmp_path):
     from mrgr1.generate import generate
 
     data_root, policy = demo
-    evaluate.main(_model_args(demo, tmp_path, "--temperature", "1", "--top-p", "0.5", "--batch-size", "5",
+    evaluate.main(_model_args(demo, tmp_path, "--temperature", "1", "--top-p", "0.5", "--eval-batch-size", "5",
                               "--seed", "3", "--max-pixels", str(56 * 56), "--min-pixels", str(56 * 56)))
     model, processor = pipeline.load_policy(policy, min_pixels=56 * 56, max_pixels=56 * 56)
     studies = pipeline.load_studies("demo", data_root, "test")
     special = pipeline.special_ids(processor)
-    prompts = trainer.encode_prompts(processor, studies)
+    encoder = PromptEncoder(processor, RunConfig.system_prompt, RunConfig.instruction)
+    prompts = encoder(studies)
     out, mask = generate(model, prompts["input_ids"], prompts["attention_mask"], prompts["pixel_values"],
                          prompts["image_grid_thw"], max_new_tokens=8, temperature=1.0, top_p=0.5,
                          generator=torch.Generator().manual_seed(3), **special)
     expected = trainer.decode_completions(processor, out, mask, special["pad_token_id"])
     assert [r["generated"] for r in _lines(tmp_path / "predictions.jsonl")] == expected
-    greedy = trainer.generate_reports(model, processor, studies, max_new_tokens=8, **special)
-    nucleus_only = trainer.generate_reports(model, processor, studies, max_new_tokens=8, temperature=1.0,
-                                            top_p=1e-6, generator=torch.Generator().manual_seed(0), **special)
+    cfg = RunConfig(max_new_tokens=8)
+    greedy = evaluation.generate_reports(model, processor, encoder, studies, cfg, **special)
+    nucleus_only = evaluation.generate_reports(model, processor, encoder, studies, cfg, temperature=1.0,
+                                               top_p=1e-6, generator=torch.Generator().manual_seed(0), **special)
     assert nucleus_only == greedy  # a nucleus of one token is the most likely token

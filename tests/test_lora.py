@@ -138,7 +138,7 @@ def test_default_only_under_leaves_the_vision_tower_alone():
     model = nn.Module()
     model.model = nn.ModuleDict({"visual": nn.ModuleDict({"blocks": nn.ModuleList([block(), block()])}),
                                  "language_model": nn.ModuleDict({"layers": nn.ModuleList([layer(), layer(), layer()])})})
-    names = apply_lora(model)
+    names = apply_lora(model, rank=16, alpha=32, dropout=0.05)
     assert len(names) == 3 * 7
     assert all(n.startswith("model.language_model.layers.") for n in names)
     assert not any(isinstance(m, LoRALinear) for m in model.model["visual"].modules())
@@ -177,9 +177,9 @@ def test_one_optimizer_step_changes_only_lora_weights(base_and_lora):
 def test_apply_lora_twice_or_on_nothing_is_a_clear_error(base_and_lora):
     _, model = base_and_lora
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
-        apply_lora(model, only_under="model")
+        apply_lora(model, only_under="model", rank=16, alpha=32, dropout=0.05)
     with pytest.raises(ValueError, match="found no nn.Linear"):
-        apply_lora(tiny_qwen2())  # default only_under="model.language_model" is absent in Qwen2ForCausalLM
+        apply_lora(tiny_qwen2(), rank=16, alpha=32, dropout=0.05)  # default only_under="model.language_model" is absent in Qwen2ForCausalLM
 
 
 # ---------------------------------------------------------------------------- reference policy
@@ -271,7 +271,7 @@ def test_peft_adapter_loads_in_ours_with_the_same_logits(tmp_path):
     torch.testing.assert_close(logits(ours), logits(peft_model), rtol=1e-5, atol=1e-5)
     # loading into a model that apply_lora already wrapped (the training path) gives the same
     again = copy.deepcopy(base)
-    apply_lora(again, rank=RANK, alpha=ALPHA, only_under="model")
+    apply_lora(again, rank=RANK, alpha=ALPHA, only_under="model", dropout=0.05)
     load_adapter(again, str(tmp_path))
     torch.testing.assert_close(logits(again.eval()), logits(peft_model), rtol=1e-5, atol=1e-5)
 
@@ -293,7 +293,7 @@ def test_rank_mismatch_is_a_clear_error(base_and_lora, tmp_path):
     base, model = base_and_lora
     save_adapter(model, str(tmp_path))
     other = copy.deepcopy(base)
-    apply_lora(other, rank=2 * RANK, alpha=ALPHA, only_under="model")
+    apply_lora(other, rank=2 * RANK, alpha=ALPHA, only_under="model", dropout=0.05)
     with pytest.raises(ValueError, match="rank mismatch"):
         load_adapter(other, str(tmp_path))
 
@@ -302,11 +302,11 @@ def test_missing_and_unexpected_modules_are_clear_errors(base_and_lora, tmp_path
     base, model = base_and_lora
     save_adapter(model, str(tmp_path))
     fewer = copy.deepcopy(base)
-    apply_lora(fewer, rank=RANK, alpha=ALPHA, targets=("q_proj", "v_proj"), only_under="model")
+    apply_lora(fewer, rank=RANK, alpha=ALPHA, targets=("q_proj", "v_proj"), only_under="model", dropout=0.05)
     with pytest.raises(ValueError, match=r"unexpected keys for \['model.layers.0.mlp.down_proj'"):
         load_adapter(fewer, str(tmp_path))
     more = copy.deepcopy(base)
-    apply_lora(more, rank=RANK, alpha=ALPHA, only_under="model")
+    apply_lora(more, rank=RANK, alpha=ALPHA, only_under="model", dropout=0.05)
     save_adapter(fewer, str(tmp_path / "qv"))
     with pytest.raises(ValueError, match="missing keys for"):
         load_adapter(more, str(tmp_path / "qv"))
@@ -315,7 +315,7 @@ def test_missing_and_unexpected_modules_are_clear_errors(base_and_lora, tmp_path
 def test_adapter_for_another_model_is_a_clear_error(tmp_path):
     small = nn.Module()
     small.model = nn.ModuleDict({"proj": nn.ModuleDict({"q_proj": nn.Linear(4, 4)})})
-    apply_lora(small, rank=2, alpha=2, only_under="model")
+    apply_lora(small, rank=2, alpha=2, only_under="model", dropout=0.05)
     save_adapter(small, str(tmp_path))
     with pytest.raises(ValueError, match="does not have"):
         load_adapter(tiny_qwen2(), str(tmp_path))
@@ -349,7 +349,7 @@ def test_apply_lora_on_our_qwen2_5_vl_wraps_seven_per_decoder_layer_and_no_visio
     ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         base_logits = model(ids)
-    names = apply_lora(model, rank=RANK, alpha=ALPHA)  # defaults: the 7 targets under model.language_model
+    names = apply_lora(model, rank=RANK, alpha=ALPHA, dropout=0.05)  # defaults: the 7 targets under model.language_model
     expected = {f"model.language_model.layers.{i}.{part}.{leaf}"
                 for i in range(cfg.text.num_hidden_layers)
                 for part, leaves in [("self_attn", LORA_TARGETS[:4]), ("mlp", LORA_TARGETS[4:])] for leaf in leaves}
@@ -372,7 +372,7 @@ def test_adapter_saved_on_the_older_hub_layout_loads_into_the_new_one(tmp_path):
     old, new = nn.Module(), nn.Module()
     old.model = q_only()  # model.layers.0.self_attn.q_proj
     new.model = nn.ModuleDict({"language_model": q_only()})  # model.language_model.layers.0.self_attn.q_proj
-    apply_lora(old, rank=2, alpha=2, only_under="model")
+    apply_lora(old, rank=2, alpha=2, only_under="model", dropout=0.05)
     randomize_b(old)
     save_adapter(old, str(tmp_path))
     assert load_adapter(new, str(tmp_path)) == ["model.language_model.layers.0.self_attn.q_proj"]

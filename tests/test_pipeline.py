@@ -21,7 +21,7 @@ QWEN_PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixel
 
 @pytest.fixture
 def folder(tmp_path):
-    path = pipeline.demo_policy_folder(str(tmp_path / "policy"), REPORTS, vocab_size=300)
+    path = pipeline.demo_policy_folder(str(tmp_path / "policy"), REPORTS, ("system", "instruction", "think"), vocab_size=300)
     with open(tmp_path / "policy" / "preprocessor_config.json", "w") as f:
         json.dump(QWEN_PREPROCESSOR, f)
     return path

@@ -13,6 +13,9 @@ from mrgr1.rewards import (ccs, ce_f1_reward, compute_rewards, extract_report, f
                            mccs, sentence_bleu, signed_vectors)
 
 close = dict(rel=1e-4, abs=1e-6)
+PAPER = (0.0, 1.0, -1.0, 1.0)  # the paper's value of codes blank, positive, negative, uncertain
+M = 0.5                        # a margin (the run configuration's default)
+PAPER_REWARD = dict(weights={"mccs": 0.75, "format": 0.25}, margin=M, mapping=PAPER)
 
 
 def labels(*rows: dict) -> torch.Tensor:
@@ -28,7 +31,7 @@ def labels(*rows: dict) -> torch.Tensor:
 
 def test_signed_vectors_map_codes_and_drop_no_finding():
     v = signed_vectors(labels({"Cardiomegaly": POSITIVE, "Edema": NEGATIVE,
-                               "Atelectasis": UNCERTAIN, "No Finding": POSITIVE}))
+                               "Atelectasis": UNCERTAIN, "No Finding": POSITIVE}), PAPER)
     assert v.shape == (1, 13)
     expected = [0.0] * 13
     expected[CONDITIONS.index("Cardiomegaly")] = 1.0
@@ -39,15 +42,15 @@ def test_signed_vectors_map_codes_and_drop_no_finding():
 
 def test_identical_labels_give_mccs_one():
     row = {"Cardiomegaly": POSITIVE, "Pleural Effusion": NEGATIVE, "Edema": UNCERTAIN}
-    assert mccs(labels(row), labels(row)).tolist() == [1.0]
+    assert mccs(labels(row), labels(row), margin=M, mapping=PAPER).tolist() == [1.0]
 
 
 def test_opposite_polarity_gives_mccs_zero():
     # v_hat = (1, -1), v = (-1, 1): CCS = -2 / 2 = -1 -> max((-1 - 0.5) / 0.5, 0) = 0
     gen = labels({"Cardiomegaly": POSITIVE, "Edema": NEGATIVE})
     ref = labels({"Cardiomegaly": NEGATIVE, "Edema": POSITIVE})
-    assert ccs(signed_vectors(gen), signed_vectors(ref)).item() == pytest.approx(-1.0)
-    assert mccs(gen, ref).tolist() == [0.0]
+    assert ccs(signed_vectors(gen, PAPER), signed_vectors(ref, PAPER)).item() == pytest.approx(-1.0)
+    assert mccs(gen, ref, margin=M, mapping=PAPER).tolist() == [0.0]
 
 
 def test_mccs_worked_example_with_margin():
@@ -60,42 +63,42 @@ def test_mccs_worked_example_with_margin():
     ref = labels({n: POSITIVE for n in four})
     gen = labels({n: POSITIVE for n in four if n != "Edema"})
     cos = 3 / (math.sqrt(3) * 2)
-    assert mccs(gen, ref, margin=0.5).item() == pytest.approx((cos - 0.5) / 0.5, **close)
-    assert mccs(gen, ref, margin=0.9).item() == 0.0
-    assert mccs(gen, ref, margin=0.0).item() == pytest.approx(cos, **close)
+    assert mccs(gen, ref, margin=0.5, mapping=PAPER).item() == pytest.approx((cos - 0.5) / 0.5, **close)
+    assert mccs(gen, ref, margin=0.9, mapping=PAPER).item() == 0.0
+    assert mccs(gen, ref, margin=0.0, mapping=PAPER).item() == pytest.approx(cos, **close)
 
 
 def test_both_vectors_zero_count_as_agreement_and_one_zero_as_none():
     nothing = labels({})
     effusion = labels({"Pleural Effusion": POSITIVE})
-    assert mccs(nothing, nothing).tolist() == [1.0]    # both silent: CCS = 1
-    assert mccs(nothing, effusion).tolist() == [0.0]   # one silent: CCS = 0
-    assert mccs(effusion, nothing).tolist() == [0.0]
+    assert mccs(nothing, nothing, margin=M, mapping=PAPER).tolist() == [1.0]    # both silent: CCS = 1
+    assert mccs(nothing, effusion, margin=M, mapping=PAPER).tolist() == [0.0]   # one silent: CCS = 0
+    assert mccs(effusion, nothing, margin=M, mapping=PAPER).tolist() == [0.0]
 
 
 def test_uncertain_mapping_is_configurable():
     # default: uncertain -> 1, so "possible effusion" matches "effusion" exactly
     gen, ref = labels({"Pleural Effusion": UNCERTAIN}), labels({"Pleural Effusion": POSITIVE})
-    assert mccs(gen, ref).tolist() == [1.0]
+    assert mccs(gen, ref, margin=M, mapping=PAPER).tolist() == [1.0]
     # uncertain -> 0 (blank): gen becomes the zero vector -> CCS = 0
     as_blank = {BLANK: 0.0, POSITIVE: 1.0, NEGATIVE: -1.0, UNCERTAIN: 0.0}
-    assert mccs(gen, ref, mapping=as_blank).tolist() == [0.0]
+    assert mccs(gen, ref, mapping=as_blank, margin=M).tolist() == [0.0]
     # uncertain -> -1 as a tuple indexed by code: v_hat = -v -> CCS = -1 -> 0
-    assert mccs(gen, ref, mapping=(0.0, 1.0, -1.0, -1.0)).tolist() == [0.0]
+    assert mccs(gen, ref, mapping=(0.0, 1.0, -1.0, -1.0), margin=M).tolist() == [0.0]
 
 
 def test_no_finding_is_ignored():
     gen = labels({"Cardiomegaly": POSITIVE, "No Finding": POSITIVE})
     ref = labels({"Cardiomegaly": POSITIVE})
-    assert mccs(gen, ref).tolist() == [1.0]
-    assert mccs(labels({"No Finding": POSITIVE}), labels({})).tolist() == [1.0]  # both zero
+    assert mccs(gen, ref, margin=M, mapping=PAPER).tolist() == [1.0]
+    assert mccs(labels({"No Finding": POSITIVE}), labels({}), margin=M, mapping=PAPER).tolist() == [1.0]  # both zero
 
 
 def test_mccs_rejects_labels_that_are_not_chexbert_codes():
     with pytest.raises(ValueError, match=r"shape \[N, 14\]"):
-        mccs(torch.zeros(2, 13, dtype=torch.long), torch.zeros(2, 13, dtype=torch.long))
+        mccs(torch.zeros(2, 13, dtype=torch.long), torch.zeros(2, 13, dtype=torch.long), margin=M, mapping=PAPER)
     with pytest.raises(ValueError, match="outside 0..3"):
-        mccs(torch.full((1, 14), 4), torch.zeros(1, 14, dtype=torch.long))
+        mccs(torch.full((1, 14), 4), torch.zeros(1, 14, dtype=torch.long), margin=M, mapping=PAPER)
 
 
 # ----------------------------------------------------------------------------- format
@@ -228,14 +231,14 @@ def test_combined_reward_weights_and_parts():
     # 3: well formed, nothing mentioned  -> one zero vector: MCCS 0, format 1 -> 0.25
     completions = [well("small effusion"), well("effusion, enlarged heart"), "small effusion",
                    well("clear lungs")]
-    total, parts = compute_rewards(completions, ["A"] * 4, ["left effusion"] * 4, CountingLabeler())
+    total, parts = compute_rewards(completions, ["A"] * 4, ["left effusion"] * 4, CountingLabeler(), **PAPER_REWARD)
     m1 = (1 / math.sqrt(2) - 0.5) / 0.5
     assert parts["mccs"].tolist() == pytest.approx([1.0, m1, 1.0, 0.0], **close)
     assert parts["format"].tolist() == [1.0, 1.0, 0.0, 1.0]
     assert total.tolist() == pytest.approx([1.0, 0.75 * m1 + 0.25, 0.75, 0.25], **close)
 
     total, _ = compute_rewards(completions, ["A"] * 4, ["left effusion"] * 4, CountingLabeler(),
-                               weights={"mccs": 1.0, "format": 0.0})
+                               weights={"mccs": 1.0, "format": 0.0}, margin=M, mapping=PAPER)
     assert total.tolist() == pytest.approx([1.0, m1, 1.0, 0.0], **close)
 
 
@@ -245,7 +248,7 @@ def test_reference_is_labelled_once_per_study_across_calls():
     ids = ["A", "A", "B", "B"]  # G = 2 rollouts per study
     completions = [well("effusion"), well("clear"), well("enlarged heart"), well("effusion")]
     for _ in range(3):  # three training steps over the same studies
-        compute_rewards(completions, ids, [refs[i] for i in ids], labeler, cache=cache)
+        compute_rewards(completions, ids, [refs[i] for i in ids], labeler, cache=cache, **PAPER_REWARD)
     assert labeler.seen.count("left effusion") == 1
     assert labeler.seen.count("enlarged heart") == 1 + 3  # the reference once, completion 2 thrice
     assert sorted(cache) == ["A", "B"]
@@ -254,35 +257,35 @@ def test_reference_is_labelled_once_per_study_across_calls():
 def test_empty_report_gets_no_clinical_reward():
     # without this rule "" (nothing mentioned) would score CCS = 1 against a silent reference
     total, parts = compute_rewards([well(""), "<think>only thinking"], ["A", "A"],
-                                   ["heart and lungs normal"] * 2, CountingLabeler())
+                                   ["heart and lungs normal"] * 2, CountingLabeler(), **PAPER_REWARD)
     assert parts["mccs"].tolist() == [0.0, 0.0] and total.tolist() == [0.0, 0.0]
 
 
 def test_ablation_kinds_share_the_interface():
     completions = [well("small effusion"), well("enlarged heart")]
     ids, refs = ["A", "A"], ["small effusion"] * 2
-    total, parts = compute_rewards(completions, ids, refs, CountingLabeler(), kind="ce_f1")
+    total, parts = compute_rewards(completions, ids, refs, CountingLabeler(), kind="ce_f1", weights={"ce_f1": 0.75, "format": 0.25}, margin=M, mapping=PAPER)
     assert parts["ce_f1"].tolist() == [1.0, 0.0]
     assert total.tolist() == pytest.approx([1.0, 0.25])
     # BLEU needs no labeler: "small effusion" vs itself -> c = r = 2, p_1 = 1, p_2 = 1, and no
     # 3- or 4-grams: p_3 = p_4 = (0 + 1)/(1 + 1) -> BLEU = (1/4) ** (1/4) = 0.7071;
     # "enlarged heart" shares no word -> 0
-    total, parts = compute_rewards(completions, ids, refs, None, kind="bleu")
+    total, parts = compute_rewards(completions, ids, refs, None, kind="bleu", weights={"bleu": 0.75, "format": 0.25}, margin=M, mapping=PAPER)
     assert parts["bleu"].tolist() == pytest.approx([0.25 ** 0.25, 0.0], **close)
 
 
 def test_combined_reward_errors_speak_to_the_user():
     with pytest.raises(ValueError, match="kind must be one of"):
-        compute_rewards(["x"], ["A"], ["y"], CountingLabeler(), kind="rouge")
+        compute_rewards(["x"], ["A"], ["y"], CountingLabeler(), kind="rouge", weights={"rouge": 0.75, "format": 0.25}, margin=M, mapping=PAPER)
     with pytest.raises(ValueError, match=re.escape("exactly the keys {'ce_f1', 'format'}")):
         compute_rewards(["x"], ["A"], ["y"], CountingLabeler(), kind="ce_f1",
-                        weights={"mccs": 0.75, "format": 0.25})  # weight named for another kind
+                        weights={"mccs": 0.75, "format": 0.25}, margin=M, mapping=PAPER)  # weight named for another kind
     with pytest.raises(ValueError, match="one entry per completion"):
-        compute_rewards(["x", "z"], ["A"], ["y"], CountingLabeler())
+        compute_rewards(["x", "z"], ["A"], ["y"], CountingLabeler(), **PAPER_REWARD)
 
     class Broken:
         def label(self, reports):
             return torch.zeros(len(reports), 13, dtype=torch.long)
 
     with pytest.raises(ValueError, match=r"Broken.label\(\) must return"):
-        compute_rewards([well("x")], ["A"], ["y"], Broken())
+        compute_rewards([well("x")], ["A"], ["y"], Broken(), **PAPER_REWARD)

@@ -8,6 +8,10 @@ from safetensors.torch import load_file
 
 import train_grpo
 from mrgr1 import checkpoint, data, synthetic, weights
+from mrgr1.prompts import PromptEncoder, study_messages
+from mrgr1.run_config import RunConfig
+
+WORDING = (RunConfig.system_prompt, RunConfig.instruction, RunConfig.sft_think)  # the defaults
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +20,9 @@ def demo_root(tmp_path_factory):
     return synthetic.generate(root, n_train=8, n_val=2, n_test=4, image_size=56, seed=0)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def varied_rewards(monkeypatch):
-    """An untrained tiny model earns reward 0 on every completion, so every advantage, and with it
+    """For the tests that need a step to move the weights: an untrained tiny model earns reward 0 on every completion, so every advantage, and with it
     every gradient, would be 0. Add a term that differs between completions (from their length) to
     the real reward, so that a step actually moves the adapters."""
     from mrgr1 import trainer
@@ -45,20 +49,20 @@ def metrics(out):
         return [json.loads(line) for line in f]
 
 
-def test_two_grpo_steps_change_only_the_adapter_weights(demo_root, tmp_path):
+def test_two_grpo_steps_change_only_the_adapter_weights(demo_root, tmp_path, varied_rewards):
     from mrgr1 import labels, lora, pipeline, trainer
 
     studies = data.load_split("demo", demo_root, "train")
-    folder = pipeline.demo_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
+    folder = pipeline.demo_policy_folder(str(tmp_path / "init"), [s.report for s in studies], WORDING)
     model, processor = pipeline.load_policy(folder)
-    lora.apply_lora(model, rank=4, alpha=8)
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.05)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=8, beta=0.04, grad_accum=2)
+    cfg = RunConfig(num_generations=2, max_new_tokens=8, beta=0.04, grad_accum=2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     generator = torch.Generator().manual_seed(0)
     for step in range(2):
-        _, rollout = trainer.grpo_step(model, processor, studies[2 * step:2 * step + 2], labels.RuleLabeler(),
+        _, rollout = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies[2 * step:2 * step + 2], labels.RuleLabeler(),
                                        optimizer, scheduler, cfg, generator, **pipeline.special_ids(processor))
         assert rollout.advantages.abs().sum() > 0
     after = model.state_dict()
@@ -68,7 +72,7 @@ def test_two_grpo_steps_change_only_the_adapter_weights(demo_root, tmp_path):
     assert any(".lora_B." in k for k in changed)
 
 
-def test_the_demo_defaults_exercise_the_kl_term_and_the_clipped_ratio(demo_root, tmp_path):
+def test_the_demo_defaults_exercise_the_kl_term_and_the_clipped_ratio(demo_root, tmp_path, varied_rewards):
     """The demo trains with beta > 0 and two updates per batch, so the logged KL is positive and
     the ratio moves away from 1 in the second update (on-policy it would be exactly 1)."""
     argv = ["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(tmp_path), "--sft-steps", "0",
@@ -94,7 +98,7 @@ def test_checkpoints_hold_only_the_adapter_in_peft_layout(demo_root, tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 4
 
 
-def test_adapter_off_is_the_base_model_exactly(demo_root, tmp_path):
+def test_adapter_off_is_the_base_model_exactly(demo_root, tmp_path, varied_rewards):
     from mrgr1 import lora, pipeline, trainer
 
     run(demo_root, tmp_path, "--steps", "1")
@@ -102,7 +106,7 @@ def test_adapter_off_is_the_base_model_exactly(demo_root, tmp_path):
     tuned, _ = pipeline.load_policy(str(tmp_path / "init"))
     lora.load_adapter(tuned, str(tmp_path / "final"))
     studies = data.load_split("demo", demo_root, "test")[:2]
-    batch = trainer.encode_prompts(processor, studies)
+    batch = PromptEncoder(processor, *WORDING[:2])(studies)
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
     with torch.no_grad():
         with lora.adapters_disabled(tuned):
@@ -119,7 +123,7 @@ def test_metrics_use_trl_names(demo_root, tmp_path):
         assert key in row, key
 
 
-def test_resume_continues_exactly(demo_root, tmp_path):
+def test_resume_continues_exactly(demo_root, tmp_path, varied_rewards):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(demo_root, straight, "--steps", "4", "--save-every", "2")
     run(demo_root, resumed, "--steps", "4", "--save-every", "2")
@@ -153,7 +157,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(demo_root, tmp_path, m
     from mrgr1 import lora, pipeline
 
     model, _ = pipeline.load_policy(str(tmp_path / "init"))
-    lora.apply_lora(model, rank=4, alpha=32)
+    lora.apply_lora(model, rank=4, alpha=32, dropout=0.05)
     assert checkpoint.load_checkpoint(good, model)["step"] == 1
 
 
@@ -190,28 +194,28 @@ def test_rollout_reuses_each_prompts_image_features_for_its_g_rows(demo_root, tm
     from mrgr1 import lora, pipeline, trainer
 
     studies = data.load_split("demo", demo_root, "train")[:2]
-    folder = pipeline.demo_policy_folder(str(tmp_path / "init"), [s.report for s in studies])
+    folder = pipeline.demo_policy_folder(str(tmp_path / "init"), [s.report for s in studies], WORDING)
     model, processor = pipeline.load_policy(folder)
-    prompts = trainer.encode_prompts(processor, studies)
+    prompts = PromptEncoder(processor, *WORDING[:2])(studies)
     completions = torch.randint(0, 50, (6, 4))
     cmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]] * 2)             # [B*G, C]
-    from_pixels = trainer.update_inputs(model, prompts, completions, cmask, 3)          # tower trains
-    lora.apply_lora(model, rank=4, alpha=8)
-    from_features = trainer.update_inputs(model, prompts, completions, cmask, 3)       # tower frozen
+    from_pixels = trainer.rollout_inputs(model, prompts, completions, cmask, 3)          # tower trains
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.05)
+    from_features = trainer.rollout_inputs(model, prompts, completions, cmask, 3)       # tower frozen
     assert from_features["pixel_values"] is None and from_features["image_features"] is not None
     assert from_pixels["image_features"] is None and from_pixels["pixel_values"] is not None
 
     def rollout(inputs):
         return trainer.Rollout(**inputs, texts=[""] * 6, truncated=torch.zeros(6, dtype=torch.bool),
-                               rewards=torch.zeros(6), reward_parts={}, advantages=torch.zeros(6))
+                               rewards=torch.zeros(6), reward_terms={}, advantages=torch.zeros(6))
     a, b = rollout(from_features), rollout(from_pixels)
     with torch.no_grad():
         for start, stop in ((0, 6), (1, 4)):  # whole batch, and a micro-batch cutting across studies
-            assert torch.allclose(model.token_logps(**a.rows(start, stop), logits_to_keep=4),
-                                  model.token_logps(**b.rows(start, stop), logits_to_keep=4), atol=1e-5)
+            assert torch.allclose(model.token_logps(**a.inputs(slice(start, stop)), logits_to_keep=4),
+                                  model.token_logps(**b.inputs(slice(start, stop)), logits_to_keep=4), atol=1e-5)
 
 
-def test_pi_old_is_a_no_grad_pass_of_the_weights_that_sampled(demo_root, tmp_path):
+def test_pi_old_is_a_no_grad_pass_of_the_weights_that_sampled(demo_root, tmp_path, varied_rewards):
     """With mu = 2 the step takes pi_old from its first update's forward (no optimizer step has
     happened yet) instead of a pass of its own: it equals log-probs computed without grad, in
     eval mode, by a copy of the weights that sampled the rollout, for every micro-batch."""
@@ -221,17 +225,17 @@ def test_pi_old_is_a_no_grad_pass_of_the_weights_that_sampled(demo_root, tmp_pat
 
     studies = data.load_split("demo", demo_root, "train")[:3]
     model, processor = pipeline.load_policy(pipeline.demo_policy_folder(str(tmp_path / "init"),
-                                                                         [s.report for s in studies]))
+                                                                         [s.report for s in studies], WORDING))
     lora.apply_lora(model, rank=4, alpha=8, dropout=0.3)  # dropout must be off in pi_old too
     with torch.no_grad():  # adapters that already act (lora_B starts at 0), so that dropout would show
         for name, p in model.named_parameters():
             if ".lora_B." in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=8, beta=0.04, num_iterations=2, grad_accum=4)
+    cfg = RunConfig(num_generations=2, max_new_tokens=8, beta=0.04, num_iterations=2, grad_accum=4)
     sampler = copy.deepcopy(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    stats, rollout = trainer.grpo_step(model, processor, studies, labels.RuleLabeler(), optimizer, scheduler,
+    stats, rollout = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies, labels.RuleLabeler(), optimizer, scheduler,
                                        cfg, torch.Generator().manual_seed(0), **pipeline.special_ids(processor))
     sampler.eval()
     expected = trainer.rollout_logps(sampler, rollout, trainer.micro_batches(6, 1), cfg.temperature)
@@ -250,18 +254,18 @@ def test_a_cached_prompt_is_the_prompt_encoded_afresh(demo_root):
     studies = data.load_split("demo", demo_root, "train")
     processor = train_demo_tokenizer([s.report for s in studies], vocab_size=300)
     processor.image_kwargs.update(min_pixels=28 * 28, max_pixels=56 * 56)
-    cache = trainer.PromptCache()
+    cache = PromptEncoder(processor, *WORDING[:2], cache_bytes=2**30)
     for batch in (studies[:3], studies[1:5], studies[:5]):  # studies seen before and new ones, mixed
-        cached = trainer.encode_prompts(processor, batch, cache=cache)
-        fresh = processor([trainer.study_messages(s) for s in batch], [data.load_images(s) for s in batch])
+        cached = cache(batch)
+        fresh = processor([study_messages(s, *WORDING[:2]) for s in batch], [data.load_images(s) for s in batch])
         for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
             assert torch.equal(cached[key], fresh[key]), key
     assert len(cache.samples) == 5
     one_study = cache.bytes // 5
-    small = trainer.PromptCache(max_bytes=2 * one_study)
-    full = trainer.encode_prompts(processor, studies[:4], cache=small)
+    small = PromptEncoder(processor, *WORDING[:2], cache_bytes=2 * one_study)
+    full = small(studies[:4])
     assert len(small.samples) == 2 and small.bytes <= 2 * one_study
-    assert torch.equal(full["pixel_values"], trainer.encode_prompts(processor, studies[:4])["pixel_values"])
+    assert torch.equal(full["pixel_values"], PromptEncoder(processor, *WORDING[:2])(studies[:4])["pixel_values"])
 
 
 def test_grad_accum_k_makes_k_micro_batches_of_nearly_equal_size():
@@ -281,39 +285,40 @@ def test_the_rollout_records_the_labels_and_ccs_its_rewards_came_from(demo_root,
 
     studies = data.load_split("demo", demo_root, "train")[:2]
     model, processor = pipeline.load_policy(pipeline.demo_policy_folder(str(tmp_path / "init"),
-                                                                         [s.report for s in studies]))
-    lora.apply_lora(model, rank=4, alpha=8)
-    cfg = trainer.GRPOConfig(num_generations=2, max_new_tokens=6, beta=0.0)
+                                                                         [s.report for s in studies], WORDING))
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.05)
+    cfg = RunConfig(num_generations=2, max_new_tokens=6, beta=0.0)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     labeler = labels.RuleLabeler()
-    _, rollout = trainer.grpo_step(model, processor, studies, labeler, optimizer, scheduler, cfg,
+    _, rollout = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies, labeler, optimizer, scheduler, cfg,
                                    torch.Generator().manual_seed(0), **pipeline.special_ids(processor))
     assert torch.equal(rollout.ref_labels, labeler.label([s.report for s in studies for _ in range(2)]))
     assert torch.equal(rollout.labels, labeler.label([rewards.extract_report(t) for t in rollout.texts]))
     shaped = ((rollout.ccs - cfg.mccs_margin) / (1 - cfg.mccs_margin)).clamp_min(0)
-    assert torch.allclose(rollout.reward_parts["mccs"], shaped)
+    assert torch.allclose(rollout.reward_terms["mccs"], shaped)
 
 
 def test_sampled_rewards_are_the_rewards_a_rollout_gives_the_same_draws(demo_root, tmp_path):
     """The held-out "sampled reward" the demo prints is GRPO's objective: the same samples, scored
     the same way, as a rollout from the same generator state."""
-    from mrgr1 import labels, pipeline, trainer
+    from mrgr1 import evaluation, labels, pipeline, trainer
 
     studies = data.load_split("demo", demo_root, "test")[:2]
     model, processor = pipeline.load_policy(pipeline.demo_policy_folder(str(tmp_path / "init"),
-                                                                         [s.report for s in studies]))
-    cfg = trainer.GRPOConfig(num_generations=3, max_new_tokens=6, beta=0.0)
+                                                                         [s.report for s in studies], WORDING))
+    cfg = RunConfig(num_generations=3, max_new_tokens=6, beta=0.0)
     special = pipeline.special_ids(processor)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    _, rollout = trainer.grpo_step(model, processor, studies, labels.RuleLabeler(), optimizer, scheduler,
+    _, rollout = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies, labels.RuleLabeler(), optimizer, scheduler,
                                    cfg, torch.Generator().manual_seed(5), **special)
-    sampled = trainer.sampled_rewards(model, processor, studies, labels.RuleLabeler(), cfg,
-                                      torch.Generator().manual_seed(5), batch_size=2, **special)
+    sampled = evaluation.sampled_rewards(model, processor, PromptEncoder(processor, *WORDING[:2]), studies,
+                                         labels.RuleLabeler(), RunConfig(**{**vars(cfg), "eval_sample_batch_size": 2}),
+                                         torch.Generator().manual_seed(5), 3, **special)
     assert sorted(sampled) == ["format", "mccs", "reward"]
     assert torch.equal(sampled["reward"], rollout.rewards)          # [B*G] = [6]
-    for name, values in rollout.reward_parts.items():
+    for name, values in rollout.reward_terms.items():
         assert torch.equal(sampled[name], values)
 
 
@@ -348,3 +353,29 @@ def test_the_command_line_reports_missing_data_without_a_traceback(tmp_path):
     assert done.returncode != 0
     assert "error: data folder not found" in done.stderr and "Traceback" not in done.stderr
 
+
+
+def test_one_step_raises_the_completions_with_positive_advantage_and_lowers_the_others(demo_root, tmp_path,
+                                                                                      varied_rewards):
+    """What the step is for: after one GRPO update (beta = 0, on-policy, a small SGD step), the
+    mean token log-probability of each completion with A > 0 rises and of each with A < 0 falls."""
+    from mrgr1 import labels, lora, pipeline, trainer
+
+    studies = data.load_split("demo", demo_root, "train")[:2]
+    model, processor = pipeline.load_policy(pipeline.demo_policy_folder(str(tmp_path / "init"),
+                                                                         [s.report for s in studies], WORDING))
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    cfg = RunConfig(num_generations=4, max_new_tokens=8, beta=0.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    _, rollout = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies,
+                                   labels.RuleLabeler(), optimizer, scheduler, cfg, torch.Generator().manual_seed(0),
+                                   **pipeline.special_ids(processor))
+    model.eval()
+    after = trainer.rollout_logps(model, rollout, [slice(0, 8)], cfg.temperature)         # [B*G, C]
+    mask = rollout.completion_mask.float()
+    change = ((after - rollout.old_logps) * mask).sum(1) / mask.sum(1)                   # [B*G]
+    up, down = rollout.advantages > 0, rollout.advantages < 0
+    assert up.any() and down.any()
+    assert (change[up] > 0).all(), (change, rollout.advantages)
+    assert (change[down] < 0).all(), (change, rollout.advantages)

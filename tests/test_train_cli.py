@@ -12,7 +12,8 @@ import torch
 
 import evaluate
 import train_grpo
-from mrgr1 import checkpoint, synthetic, trainer
+from mrgr1 import checkpoint, sft, synthetic, trainer
+from mrgr1.run_config import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def _rows(out):
 # ----------------------------------------------------------------------------- the output folder
 
 def test_a_fresh_run_into_a_used_output_dir_is_refused_naming_the_ways_out(demo_root, finished_run):
-    with pytest.raises(train_grpo.UsageError) as err:
+    with pytest.raises(UsageError) as err:
         small_run(demo_root, finished_run, "--seed", "5")
     message = str(err.value)
     assert str(finished_run) in message and "init" in message and "checkpoint-000001" in message
@@ -111,7 +112,7 @@ def test_grad_checkpointing_applies_to_the_sft_warm_start(demo_root, tmp_path, m
     def spy(model, *args, **kwargs):
         seen.append(model.gradient_checkpointing)
         raise Stop
-    monkeypatch.setattr(trainer, "sft_step", spy)
+    monkeypatch.setattr(sft, "sft_step", spy)
     with pytest.raises(Stop):
         small_run(demo_root, tmp_path, "--sft-steps", "1", "--sft-batch-size", "2", "--grad-checkpointing")
     assert seen == [True]
@@ -129,7 +130,7 @@ def test_temperature_zero_for_training_is_refused_before_any_work(demo_root, tmp
 def test_flag_mistakes_are_listed_in_one_line(demo_root, tmp_path):
     message = one_line_error(["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(tmp_path),
                               "--num-generations", "1", "--top-p", "0", "--reward-weights", "0.75"])
-    assert message.startswith("error: --reward-weights '0.75': expected 2")
+    assert "--reward-weights 0.75 (2 comma-separated numbers)" in message and "--num-generations 1" in message
     message = one_line_error(["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(tmp_path),
                               "--num-generations", "1", "--top-p", "0", "--resume", "--overwrite"])
     assert "--num-generations 1 (at least 2" in message and "--top-p 0.0" in message and "choose one" in message
@@ -153,7 +154,7 @@ def test_a_used_output_dir_is_one_error_line(demo_root, finished_run):
 
 
 def test_a_real_bug_keeps_its_traceback(demo_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "sft_step", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(sft, "sft_step", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         train_grpo.command_line(["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(tmp_path),
                                  "--batch-size", "2", "--sft-steps", "1", "--sft-batch-size", "2"])
@@ -173,24 +174,6 @@ def _record_policy_loss(monkeypatch):
         return loss, stats
     monkeypatch.setattr(grpo, "policy_loss", recording)
     return calls
-
-
-def test_with_lora_dropout_the_first_ratio_is_exactly_one_fresh_and_resumed(demo_root, tmp_path, monkeypatch):
-    calls, real = _record_policy_loss(monkeypatch), trainer.compute_rewards
-
-    def alternating(texts, *args, **kwargs):  # the untrained model earns 0 everywhere: give each
-        total, parts = real(texts, *args, **kwargs)  # group a 0 and a 1, so that the update moves
-        return total + torch.arange(len(texts)) % 2, parts
-    monkeypatch.setattr(trainer, "compute_rewards", alternating)
-    flags = ("--steps", "2", "--save-every", "1", "--lora-dropout", "0.5", "--num-iterations", "2",
-             "--beta", "0.04", "--lr", "0.05")
-    small_run(demo_root, tmp_path, *flags)
-    (tmp_path / "latest").write_text("checkpoint-000001\n")
-    small_run(demo_root, tmp_path, *flags, "--resume")
-    firsts = [calls[0], calls[2], calls[4]]  # 2 calls (iterations) per step: steps 1, 2, resumed 2
-    for first in firsts:
-        assert first["ratio_mean"] == 1.0 and first["clip_ratio/region_mean"] == 0.0
-    assert calls[1]["ratio_mean"] != 1.0  # the second iteration follows an update
 
 
 def test_bnpo_normalises_each_micro_batch_by_its_own_tokens(demo_root, tmp_path, monkeypatch):
