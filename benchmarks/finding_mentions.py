@@ -28,6 +28,9 @@ import argparse
 import torch
 
 from mrgr1 import labels, lora, pipeline, trainer
+from mrgr1.evaluation import generate_reports
+from mrgr1.prompts import PromptEncoder
+from mrgr1.run_config import RunConfig
 from mrgr1.generate import generate
 from mrgr1.metrics import ce_scores
 from mrgr1.rewards import extract_report, mccs
@@ -58,13 +61,15 @@ def main(argv=None):
         lora.load_adapter(model, args.adapter)
     studies = pipeline.load_studies(args.dataset, args.data_root, args.split)[:args.limit]
     labeler, special = labels.RuleLabeler(), pipeline.special_ids(processor)
+    cfg = RunConfig(max_new_tokens=args.max_new_tokens)  # the default prompt wording
+    encoder = PromptEncoder(processor, cfg.system_prompt, cfg.instruction)
     if args.first_token:
-        show_first_tokens(model, processor, studies, labeler, args.first_token)
+        show_first_tokens(model, processor, encoder, studies, labeler, args.first_token, cfg.sft_think)
     generator = torch.Generator().manual_seed(args.seed)
     generated, reference = [], []
     for s in range(0, len(studies), 10):
         batch = studies[s:s + 10]
-        prompts = trainer.encode_prompts(processor, batch)
+        prompts = encoder(batch)
         out, mask = generate(model, prompts["input_ids"], prompts["attention_mask"], prompts["pixel_values"],
                              prompts["image_grid_thw"], max_new_tokens=args.max_new_tokens,
                              num_samples=args.samples, temperature=args.temperature, generator=generator, **special)
@@ -72,12 +77,12 @@ def main(argv=None):
         generated.append(labeler.label([extract_report(t) for t in texts]))                    # [b*G, 14]
         reference.append(labeler.label([x.report for x in batch]).repeat_interleave(args.samples, 0))
     gen, ref = torch.cat(generated), torch.cat(reference)                 # [N*G, 14]
-    greedy = labeler.label([extract_report(t) for t in trainer.generate_reports(
-        model, processor, studies, max_new_tokens=args.max_new_tokens, **special)])   # [N, 14]
+    greedy = labeler.label([extract_report(t) for t in generate_reports(
+        model, processor, encoder, studies, cfg, **special)])                         # [N, 14]
     study_ref = ref[::args.samples]                                               # [N, 14]
     print(f"greedy: CE-F1 (micro) {ce_scores(greedy, study_ref)['ce_micro/f1']:.4f}, "
-          f"MCCS {float(mccs(greedy, study_ref).mean()):.4f} | sampled (T={args.temperature}): "
-          f"MCCS {float(mccs(gen, ref).mean()):.4f} | majority vote of the {args.samples} samples: "
+          f"MCCS {float(mccs(greedy, study_ref, cfg.mccs_margin, cfg.mccs_mapping).mean()):.4f} | sampled (T={args.temperature}): "
+          f"MCCS {float(mccs(gen, ref, cfg.mccs_margin, cfg.mccs_mapping).mean()):.4f} | majority vote of the {args.samples} samples: "
           f"CE-F1 (micro) {ce_scores(majority_vote(gen, args.samples), study_ref)['ce_micro/f1']:.4f}")
     if args.vote_shares:
         print("vote 'stated by more than a share t of the samples', CE-F1 (micro) / precision / recall:")
@@ -93,8 +98,9 @@ def main(argv=None):
                   f"{float(said[~pos].float().mean()):19.2f}")
 
 
-def show_first_tokens(model, processor, studies, labeler, observation: str, top: int = 8) -> None:
-    """Where the report begins (after trainer.report_start(), as in the SFT targets), the next-token
+def show_first_tokens(model, processor, encoder, studies, labeler, observation: str, think: str,
+                      top: int = 8) -> None:
+    """Where the report begins (after `<think>think</think><report>`, as in the SFT targets), the next-token
     distribution for the studies whose reference states `observation` positive: the tokens with the
     largest mean probability, and how many of those studies pick each one greedily."""
     j = labels.CONDITIONS.index(observation)
@@ -103,8 +109,8 @@ def show_first_tokens(model, processor, studies, labeler, observation: str, top:
     if not chosen:
         print(f"no study in the split states {observation}")
         return
-    prompts = trainer.encode_prompts(processor, chosen)
-    start = torch.tensor(processor.encode(trainer.report_start())).expand(len(chosen), -1)   # [N, S]
+    prompts = encoder(chosen)
+    start = torch.tensor(processor.encode(f"<think>{think}</think><report>")).expand(len(chosen), -1)  # [N, S]
     ids = torch.cat([prompts["input_ids"], start], 1)
     mask = torch.cat([prompts["attention_mask"], torch.ones_like(start)], 1)
     with torch.no_grad():

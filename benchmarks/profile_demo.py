@@ -16,18 +16,16 @@ import argparse
 import cProfile
 import os
 import pstats
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_grpo  # noqa: E402
+from mrgr1 import train
 
 # (file, function, what it is) in the order a reader meets them
 ITEMS = (
-    ("train_grpo.py", "run_sft", "SFT, all steps"),
-    ("trainer.py", "sft_step", "one SFT step"),
+    ("sft.py", "run_sft", "SFT, all steps"),
+    ("sft.py", "sft_step", "one SFT step"),
     ("trainer.py", "grpo_step", "one GRPO step"),
-    ("trainer.py", "encode_prompts", "1 prompts: template, tokens, image patches"),
+    ("prompts.py", "__call__", "1 prompts: template, tokens, image patches"),
     ("data.py", "load_images", "   of which: read the study's PNGs"),
     ("processing.py", "image_patches", "   of which: resize + patchify one view"),
     ("trainer.py", "sample_completions", "2 rollout: G samples per study"),
@@ -53,7 +51,7 @@ def main(argv=None) -> None:
         if args.prompt_cache_gb is not None:
             run += ["--prompt-cache-gb", str(args.prompt_cache_gb)]
         profiler = cProfile.Profile()
-        profiler.runcall(train_grpo.main, run)
+        profiler.runcall(train.main, run)
     stats = pstats.Stats(profiler)
     if args.save:
         stats.dump_stats(args.save)

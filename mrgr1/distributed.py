@@ -10,22 +10,22 @@ Every rank holds the whole policy and takes its own studies; nothing else is spl
          leaves its rank (only --scale-rewards batch needs the std of every rank's rewards:
          `gather_rows`)
       -> loss on the local rows divided by the GLOBAL normaliser, the sum over ranks of
-         grpo.loss_normalizer                                                  (`sum_across_ranks`)
+         grpo.loss_normalizer (grpo.micro_batch_normalizers)                   (`sum_across_ranks`)
       -> backward -> SUM of .grad over ranks                                 (`sum_gradients`)
          = exactly the gradient of one process on the whole batch
       -> clipping and AdamW see the same gradient on every rank: the weights stay identical.
 
 We all-reduce the gradients by hand instead of wrapping the model in DistributedDataParallel:
-with LoRA only a few parameters train, a step runs several forward passes (old, reference and
-current log-probs) and micro-batches, and one explicit `all_reduce` after the last backward is
+with LoRA only a few parameters train, a step runs a reference pass and mu update passes (the first
+of which gives pi_old) over micro-batches, and one explicit `all_reduce` after the last backward is
 easier to read and to check than DDP's hooks and `no_sync`.
 
 Only rank 0 writes files (metrics, checkpoints, the SFT model) and prints; shared inputs that are
 made on first use (the demo set, the untrained tiny model) are made by rank 0 while the others wait
 (`rank0_first`). Every function here is the identity, or a no-op, in a single process.
 
-Example (inside train_grpo.main):
-    device = distributed.init(args.device)          # cuda:LOCAL_RANK under torchrun with GPUs
+Example (inside mrgr1.train.train):
+    device = distributed.init(cfg.device)          # cuda:LOCAL_RANK under torchrun with GPUs
     studies = [train_studies[i] for i in distributed.shard(batch, "--batch-size")]
     ...; loss.backward(); distributed.sum_gradients(params); clip_grad_norm_(params, 1.0)
 """

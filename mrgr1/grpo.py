@@ -1,4 +1,4 @@
-"""GRPO math: group-relative advantages, token log-probs, and the clipped loss with a KL term.
+"""GRPO math: group-relative advantages and the clipped loss with a KL term (log-probs: vlm.token_logps).
 
 GRPO (Shao et al., 2024, DeepSeekMath, arXiv 2402.03300), as used by MRG-R1 (arXiv 2512.16145):
 for each prompt sample G completions o_1..o_G, score them R_i, and
@@ -78,30 +78,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         std = rewards.float().std() if batch_std is None else batch_std
         deviations = deviations / (std + eps)
     return deviations.flatten()                                            # [N]
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-def token_logps_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
-                            temperature: float = 1.0) -> torch.Tensor:
-    """log pi(tokens[n, t]) under softmax(logits[n, t] / temperature) -> [N, T] float32.
-
-    logits [N, T, V] must already be aligned with tokens [N, T] (logits[:, t] predicts tokens[:, t]).
-    Dividing the logits by the sampling temperature makes these the log-probs of the
-    distribution the completions were sampled from (log_softmax(z / T), not log p / T), so the
-    importance ratio compares like with like.
-    Reference version: it builds a float32 copy of the logits; the model computes the same thing
-    chunk by chunk (`Qwen2_5_VL.token_logps`) for long completions and large vocabularies.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for log-probs (greedy decoding has none), "
-                         f"got {temperature}")
-    if logits.shape[:2] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} must "
-                         f"share [N, T]")
-    logits = logits.float() / temperature                                  # [N, T, V]
-    picked = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)    # [N, T]
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 # ----------------------------------------------------------------------------- loss pieces

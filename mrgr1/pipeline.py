@@ -103,7 +103,7 @@ def load_policy(name_or_path: str, *, weights_dir: str = "weights", dtype: str =
 
 
 # generation_config.json keys whose value asks the sampler for something it does not do, with the
-# value that asks for nothing. Sampling itself (temperature, top_p, top_k) comes from the flags.
+# value that asks for nothing. Sampling itself comes from the run's --temperature and --top-p.
 NEUTRAL_GENERATION = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                       "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_beams": 1,
                       "num_beam_groups": 1, "diversity_penalty": 0.0, "min_length": 0, "min_new_tokens": None,

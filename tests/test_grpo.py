@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from mrgr1.grpo import (aggregate, clipped_surrogate, group_advantages, importance_ratio, k3_kl,
-                        loss_normalizer, mask_truncated, part_normalizer, policy_loss, token_logps_from_logits)
+from mrgr1.grpo import (aggregate, clipped_surrogate, group_advantages, importance_ratio, k3_kl, loss_normalizer,
+                        mask_truncated, micro_batch_normalizers, part_normalizer, policy_loss)
 
 close = dict(rel=1e-4, abs=1e-6)
 
@@ -71,25 +71,6 @@ def test_nan_reward_error_names_the_rollout_and_its_group():
 def test_rewards_that_do_not_fill_whole_groups_are_rejected():
     with pytest.raises(ValueError, match="multiple of group_size"):
         group_advantages(torch.zeros(5), group_size=2)
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-def test_token_logps_match_log_softmax_by_hand():
-    # logits (0, log 3) -> softmax (1/4, 3/4); token 1 -> log 0.75
-    # with temperature 2: logits (0, log 3 / 2) -> softmax (1, sqrt 3) / (1 + sqrt 3)
-    logits = torch.tensor([[[0.0, math.log(3.0)]]])
-    tokens = torch.tensor([[1]])
-    assert token_logps_from_logits(logits, tokens).item() == pytest.approx(math.log(0.75), **close)
-    expected = math.log(math.sqrt(3) / (1 + math.sqrt(3)))
-    assert token_logps_from_logits(logits, tokens, 2.0).item() == pytest.approx(expected, **close)
-
-
-def test_token_logps_match_torch_log_softmax_on_random_logits():
-    g = torch.Generator().manual_seed(0)
-    logits, tokens = torch.randn(3, 5, 11, generator=g), torch.randint(0, 11, (3, 5), generator=g)
-    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens[..., None])[..., 0]
-    torch.testing.assert_close(token_logps_from_logits(logits, tokens, 0.7), ref)
 
 
 # ----------------------------------------------------------------------------- surrogate and KL
@@ -213,7 +194,8 @@ def test_on_policy_gradient_is_minus_advantage_times_grad_logp_over_length():
     tokens = torch.randint(0, 5, (2, 3), generator=g)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     adv = torch.tensor([0.8, -1.5])
-    loss, _ = policy_loss(token_logps_from_logits(logits, tokens), None, None, adv, mask, beta=0.0)
+    logps = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]             # [N, T]
+    loss, _ = policy_loss(logps, None, None, adv, mask, beta=0.0)
     (grad,) = torch.autograd.grad(loss, logits)
 
     lengths = mask.sum(1, keepdim=True).float()                                   # [[3], [2]]
@@ -298,3 +280,17 @@ def test_unknown_loss_type_is_rejected():
     logps, old, adv, mask = two_sequences()
     with pytest.raises(ValueError, match="loss_type must be one of"):
         policy_loss(logps, old, None, adv, mask, beta=0.0, loss_type="ppo")
+
+
+def test_micro_batch_normalizers_pick_each_loss_types_denominator_in_one_place():
+    # 3 rows, 2 micro-batches: rows 0-1 hold 3 tokens, row 2 holds 1; max_new_tokens 4
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 0]], dtype=torch.float)
+    slices = [slice(0, 2), slice(2, 3)]
+    assert micro_batch_normalizers(mask, slices, "grpo", 4) == [3.0, 3.0]          # N rows
+    assert micro_batch_normalizers(mask, slices, "dapo", 4) == [4.0, 4.0]          # all 4 tokens
+    assert micro_batch_normalizers(mask, slices, "dr_grpo", 4) == [12.0, 12.0]     # N * max_new_tokens
+    assert micro_batch_normalizers(mask, slices, "bnpo", 4) == [6.0, 2.0]          # own tokens x 2 parts
+    # two ranks holding the same: the whole batch's denominators (the sum over ranks), bnpo x 4 parts
+    both = dict(world_size=2, sum_over_ranks=lambda x: 2 * x)
+    assert micro_batch_normalizers(mask, slices, "dapo", 4, **both) == [8.0, 8.0]
+    assert micro_batch_normalizers(mask, slices, "bnpo", 4, **both) == [12.0, 4.0]

@@ -99,7 +99,7 @@ def test_checkpoints_hold_only_the_adapter_in_peft_layout(demo_root, tmp_path):
 
 
 def test_adapter_off_is_the_base_model_exactly(demo_root, tmp_path, varied_rewards):
-    from mrgr1 import lora, pipeline, trainer
+    from mrgr1 import lora, pipeline
 
     run(demo_root, tmp_path, "--steps", "1")
     base, processor = pipeline.load_policy(str(tmp_path / "init"))
@@ -248,7 +248,6 @@ def test_pi_old_is_a_no_grad_pass_of_the_weights_that_sampled(demo_root, tmp_pat
 def test_a_cached_prompt_is_the_prompt_encoded_afresh(demo_root):
     """The prompt cache keeps each study's tokens and patches after first use; a batch built
     from it is the processor's own batch, and a full cache encodes the rest without keeping them."""
-    from mrgr1 import trainer
     from mrgr1.processing import train_demo_tokenizer
 
     studies = data.load_split("demo", demo_root, "train")

@@ -8,11 +8,10 @@ import json
 import os
 
 import pytest
-import torch
 
 import evaluate
 import train_grpo
-from mrgr1 import checkpoint, sft, synthetic, trainer
+from mrgr1 import checkpoint, sft, synthetic
 from mrgr1.run_config import UsageError
 
 
