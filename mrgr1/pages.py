@@ -15,6 +15,7 @@ import re
 
 from PIL import Image
 
+from .charts import INSTALL_HINT
 from .labels import CONDITIONS
 
 SHORT_NAMES = ["EnlCM", "Cardio", "Opac", "Lesion", "Edema", "Consol", "Pneum", "Atel", "PTX",
@@ -60,7 +61,7 @@ def chart(png: str | None, page_path: str, alt: str) -> str:
     (png None), a line saying how to get it."""
     if png is None:
         return (f'<p class="muted">No chart ({html.escape(alt)}): matplotlib is not installed '
-                f"(<code>pip install -e \".[plot]\"</code>).</p>")
+                f"(<code>{html.escape(INSTALL_HINT)}</code>).</p>")
     src = os.path.relpath(png, os.path.dirname(page_path)).replace(os.sep, "/")
     return f'<img class="chart" src="{html.escape(src)}" alt="{html.escape(alt)}">'
 
