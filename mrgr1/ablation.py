@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 
-from . import checkpoint, train, viewer, weights
+from . import charts, checkpoint, train, weights
 from .processing import Processor
 
 # (name, label, train_grpo.py flags). The CE-F1 and BLEU rows keep the 0.25 format weight, so that
@@ -332,7 +332,7 @@ def observation_table(scores: dict) -> str:
 
 def plot(table: dict, out: str) -> bool:
     """CE-F1 micro per row, mean with sample-std error bars and each seed as a dot."""
-    plt = viewer.pyplot()
+    plt = charts.pyplot()
     if plt is None:
         return False
     labels = {name: label for name, label, _ in ROWS}

@@ -21,7 +21,7 @@ Outputs in --output-dir:
     eval_config.json    the flags that decide the predictions (a resume must match them), the
                         image resolution (min_pixels, max_pixels) included.
     metrics.json        the scores (the dict main() returns).
-    report.html         the same tables, a per-observation chart and every study (mrgr1/viewer.py);
+    report.html         the same tables, a per-observation chart and every study (mrgr1/eval_report.py);
                         --no-html skips it.
 
 Settings: the run configuration's fields that decide how a policy runs and is scored (image
@@ -45,7 +45,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from mrgr1 import checkpoint, data, distributed, lora, pipeline, run_config, viewer, vlm, weights
+from mrgr1 import checkpoint, data, distributed, eval_report, lora, pipeline, run_config, vlm, weights
 from mrgr1.evaluation import generate_reports
 from mrgr1.metrics import ce_scores, format_table, nlg_scores
 from mrgr1.predictions import PredictionsError, append_records, read_predictions
@@ -332,7 +332,7 @@ def evaluate(args) -> dict:
     print(f"{'empty reports':<32}{scores['num_empty_reports']:8d}\nwrote {out}")
     if args.html:  # a predictions file has no images; a model run shows each study's views
         views = {s.id: s.image_paths for s in studies}
-        page = viewer.write_eval_report(args.output_dir, records, scores, labeler=labels_from, image_paths=views)
+        page = eval_report.write_eval_report(args.output_dir, records, scores, labeler=labels_from, image_paths=views)
         print(f"wrote {page}")
     return scores
 

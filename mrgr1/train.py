@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, distributed, lora, pipeline, run_config, tracking, trainer, viewer
+from . import charts, checkpoint, distributed, lora, pipeline, rollout_viewer, run_config, tracking, trainer
 from .evaluation import before_after, evaluate_policy
 from .metrics import format_table
 from .prompts import PromptEncoder
@@ -231,7 +231,7 @@ def train(cfg: RunConfig) -> dict:
             bar.set_postfix(progress_fields(cfg, stats))
             if sample and distributed.is_main():
                 tqdm.write(f"[step {step + 1}] reward {rollout.rewards[0]:.3f}: {rollout.texts[0][:300]}")
-                viewer.write_rollout_page(cfg.output_dir, step + 1, rollout, studies, stats)
+                rollout_viewer.write_rollout_page(cfg.output_dir, step + 1, rollout, studies, stats)
             if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or interrupted) and distributed.is_main():
                 save(step + 1)
             if interrupted:
@@ -251,9 +251,10 @@ def train(cfg: RunConfig) -> dict:
             if "before" in results:
                 print(before_after(results["before"], results["after"]))
     if distributed.is_main():
-        viewer.plot_curves(log_path, os.path.join(cfg.output_dir, "curves.png"), results)
         if cfg.sample_every:  # the index of the rollout pages, with the curves and the CE-F1
-            viewer.write_index(cfg.output_dir, results)
+            rollout_viewer.write_index(cfg.output_dir, results)
+        else:
+            charts.plot_curves(log_path, os.path.join(cfg.output_dir, "curves.png"), results)
     return results
 
 

@@ -1,4 +1,5 @@
-"""mrgr1/viewer.py and mrgr1/tracking.py: rollout pages, the index, curves, the eval report, TensorBoard.
+"""mrgr1/rollout_viewer.py, eval_report.py, pages.py, charts.py and tracking.py: rollout pages, the
+index, curves, the eval report, TensorBoard.
 
 The rollout is a stand-in with trainer.Rollout's field names and hand-chosen values (advantages
 that are NOT what group_advantages would give, to show the page takes them as they are).
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mrgr1 import tracking, viewer
+from mrgr1 import charts, eval_report, pages, rollout_viewer, tracking
 from mrgr1.data import Study
 
 G = 4
@@ -88,7 +89,7 @@ def rollout():
                "<think>maybe fluid</think><report>Possible effusion.</report>",
                "Normal chest, no tags at all.", *["<think>a</think><report>Clear lungs.</report>"] * G],
         rewards=rewards,
-        reward_parts={"mccs": torch.tensor([0.0, 1.0, 0.4, 0.0] + [0.5] * G),
+        reward_terms={"mccs": torch.tensor([0.0, 1.0, 0.4, 0.0] + [0.5] * G),
                       "format": torch.tensor([1.0, 1.0, 1.0, 0.0] + [1.0] * G)},
         advantages=torch.tensor([-0.3125, 1.3125, 0.5, -1.5, 0.0, 0.0, 0.0, 0.0]),
         truncated=torch.tensor([False, True, False, False] + [False] * G),
@@ -97,7 +98,7 @@ def rollout():
 
 
 def test_rollout_page_shows_each_completions_reward_and_advantage_in_advantage_order(tmp_path, rollout, studies):
-    path = viewer.write_rollout_page(str(tmp_path / "run"), 10, rollout, studies)
+    path = rollout_viewer.write_rollout_page(str(tmp_path / "run"), 10, rollout, studies)
     assert path == str(tmp_path / "run" / "rollouts" / "step-000010.html")
     rows = parse(path).rows
     assert sorted(int(r["data-row"]) for r in rows) == list(range(2 * G))  # each completion once
@@ -110,16 +111,16 @@ def test_rollout_page_shows_each_completions_reward_and_advantage_in_advantage_o
 
 
 def test_rollout_page_prints_the_numbers_of_each_completion(tmp_path, rollout, studies):
-    text = parse(viewer.write_rollout_page(str(tmp_path), 1, rollout, studies)).text
+    text = parse(rollout_viewer.write_rollout_page(str(tmp_path), 1, rollout, studies)).text
     for i in range(G):
         for shown in (f"{float(rollout.advantages[i]):+.4f}", f"{float(rollout.rewards[i]):.4f}",
-                      f"{float(rollout.ccs[i]):.4f}", f"{float(rollout.reward_parts['mccs'][i]):.4f}"):
+                      f"{float(rollout.ccs[i]):.4f}", f"{float(rollout.reward_terms['mccs'][i]):.4f}"):
             assert shown in text
     assert "malformed: format reward 0" in text  # completion 3 has no tags
 
 
 def test_a_zero_spread_group_is_marked_and_the_other_is_not(tmp_path, rollout, studies):
-    with open(viewer.write_rollout_page(str(tmp_path), 1, rollout, studies), encoding="utf-8") as f:
+    with open(rollout_viewer.write_rollout_page(str(tmp_path), 1, rollout, studies), encoding="utf-8") as f:
         page = f.read()
     first, second = page.split('id="study-s1"')
     assert "No signal from this study" not in first
@@ -127,7 +128,7 @@ def test_a_zero_spread_group_is_marked_and_the_other_is_not(tmp_path, rollout, s
 
 
 def test_label_chips_mark_the_codes_that_differ_from_the_reference(rollout):
-    row = viewer.chips(rollout.labels[2], rollout.ref_labels[2])
+    row = pages.chips(rollout.labels[2], rollout.ref_labels[2])
     chips = row.split("</span>")[:-1]
     assert len(chips) == 14
     differing = [c for c, html in enumerate(chips) if " diff" in html]
@@ -136,45 +137,73 @@ def test_label_chips_mark_the_codes_that_differ_from_the_reference(rollout):
 
 
 def test_completion_text_tells_think_report_and_stray_text_apart():
-    shown = viewer.completion_html("<think>a &lt;</think> <report>b</report> thanks")
+    shown = pages.completion_html("<think>a &lt;</think> <report>b</report> thanks")
     assert '<span class="think">a &amp;lt;</span>' in shown
     assert '<span class="report">b</span>' in shown
     assert '<span class="stray"> thanks</span>' in shown
 
 
-def test_index_links_every_step_page_and_draws_the_curves(tmp_path, rollout, studies):
-    out = str(tmp_path)
+def write_metrics(out, steps=(1, 2)):
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-        for step in (1, 2):
+        for step in steps:
             f.write(json.dumps({"step": step, "reward": 0.1 * step, "rewards/mccs/mean": 0.1,
                                 "rewards/format/mean": 1.0, "reward_std": 0.2, "frac_reward_zero_std": 0.5,
                                 "completions/mean_length": 9.0, "completions/clipped_ratio": 0.0,
                                 "clip_ratio/region_mean": 0.0}) + "\n")
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """Imports of matplotlib fail, as where the optional [plot] extra is not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def refuse(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", refuse)
+
+
+def test_index_links_every_step_page_and_shows_the_curves_png(tmp_path, rollout, studies):
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path)
+    write_metrics(out)
     for step in (1, 2):
-        viewer.write_rollout_page(out, step, rollout, studies)
-    page = parse(viewer.write_index(out, {"before": {"ce_micro/f1": 0.25}, "after": {"ce_micro/f1": 0.5}}))
-    assert sorted(page.sources) == ["step-000001.html", "step-000002.html"]
+        rollout_viewer.write_rollout_page(out, step, rollout, studies)
+    page = parse(rollout_viewer.write_index(out, {"before": {"ce_micro/f1": 0.25}, "after": {"ce_micro/f1": 0.5}}))
+    assert sorted(page.sources) == ["../curves.png", "step-000001.html", "step-000002.html"]  # all exist
     assert "test CE-F1 (micro) before GRPO 0.2500 -> after GRPO 0.5000" in page.text
-    assert "no KL term" in page.text  # kl not logged: the panel says why it is empty
-    assert "no token was clipped" in page.text
+    assert "reward 0.2000" in page.text  # each step link with its logged reward
+
+
+def test_without_matplotlib_the_index_says_how_to_get_the_curves(tmp_path, rollout, studies, no_matplotlib):
+    out = str(tmp_path)
+    write_metrics(out)
+    rollout_viewer.write_rollout_page(out, 1, rollout, studies)  # writes the index too
+    page = parse(str(tmp_path / "rollouts" / "index.html"))
+    assert page.sources == ["step-000001.html"]
+    assert "matplotlib is not installed" in page.text and 'pip install -e ".[plot]"' in page.text
+    assert not os.path.exists(tmp_path / "curves.png")
 
 
 def test_every_curve_panel_has_a_line_or_says_why_not():
     rows = [{"step": s, "reward": 0.5, "kl": 0.0, "completions/mean_length": 7.0} for s in (1, 2, 3)]
-    for title, series, empty in viewer.curve_panels(rows):
+    for title, series, empty in charts.curve_panels(rows):
         assert bool(series) != bool(empty), title
-    assert viewer.curve_panels([])[0][2] == "no steps logged yet"
+    assert charts.curve_panels([])[0][2] == "no steps logged yet"
 
 
 def test_moving_average_is_the_mean_of_the_last_window_values():
-    assert viewer.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert charts.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
 def test_plot_curves_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"step": s, "reward": s / 10, "kl": 0.01 * s}) + "\n" for s in range(1, 6)))
-    out = viewer.plot_curves(str(log), str(tmp_path / "curves.png"), {"after": {"ce_micro/f1": 0.5}})
+    out = charts.plot_curves(str(log), str(tmp_path / "curves.png"), {"after": {"ce_micro/f1": 0.5}})
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -193,33 +222,26 @@ def test_eval_report_lists_every_study_once_and_writes_its_chart(tmp_path):
     scores = ce_scores(torch.tensor([r["report_labels"] for r in records]),
                        torch.tensor([r["reference_labels"] for r in records]))
     views = {"t1": [image(tmp_path / "v.png")]}
-    path = viewer.write_eval_report(str(tmp_path / "eval"), records, scores, labeler="rules", image_paths=views)
+    path = eval_report.write_eval_report(str(tmp_path / "eval"), records, scores, labeler="rules", image_paths=views)
     with open(path, encoding="utf-8") as f:
         page = f.read()
-    parse(path)  # parses; every linked file (chart, the one view) exists
+    assert set(parse(path).sources) == {"per_observation.png", "report_views/1-0.jpg"}  # and they exist
     assert [page.count(f'id="study-t{k}"') for k in range(3)] == [1, 1, 1]
     assert os.path.isfile(tmp_path / "eval" / "per_observation.png")
     assert page.count("12 of 14 observations agree") == 3  # effusion and no finding differ
     assert "ce_micro" in page  # the CE table as format_table prints it
 
 
-def test_eval_report_without_matplotlib_draws_the_chart_inline(tmp_path, monkeypatch):
-    import builtins
+def test_eval_report_without_matplotlib_says_how_to_get_the_chart(tmp_path, no_matplotlib):
     from mrgr1.metrics import ce_scores
 
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     records = eval_records(2)
     scores = ce_scores(torch.tensor([r["report_labels"] for r in records]),
                        torch.tensor([r["reference_labels"] for r in records]))
-    path = viewer.write_eval_report(str(tmp_path), records, scores)
+    page = parse(eval_report.write_eval_report(str(tmp_path), records, scores))
     assert not os.path.exists(tmp_path / "per_observation.png")
-    assert "Pleural Effusion (0)" in parse(path).text  # the inline SVG names each observation
+    assert "No chart (precision, recall and F1 per observation): matplotlib is not installed" in page.text
+    assert "Pleural Effusion" in page.text  # the per-observation numbers are in the table all the same
 
 
 def test_tensorboard_event_file_holds_the_logged_scalar_names(tmp_path):
