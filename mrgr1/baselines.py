@@ -124,3 +124,45 @@ def training_reports(dataset: str, data_root: str | None) -> list[str]:
     drawn or downloaded here)."""
     from .data import load_split  # here, not at the top: data imports torch and PIL
     return [s.report for s in load_split(dataset, data_root, "train")]
+
+
+def main(argv=None) -> dict:
+    """Print the trivial baselines of one split: what an empty / the most common / a random
+    training report scores there, under every CE convention. Needs the data set and labeler only."""
+    import argparse
+
+    from . import data, pipeline
+    from .metrics import format_table
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--dataset", default="demo", choices=data.DATASETS)
+    p.add_argument("--data-root", default=None, help="default data/<dataset>")
+    p.add_argument("--split", default="test", choices=data.SPLITS)
+    p.add_argument("--labeler", default=None, choices=("chexbert", "rules"),
+                   help="default: rules for the demo, chexbert otherwise")
+    p.add_argument("--chexbert-weights", default=None)
+    p.add_argument("--weights-dir", default="weights")
+    p.add_argument("--seed", type=int, default=0, help="the random baseline's draws (evaluate.py: its --seed)")
+    args = p.parse_args(argv)
+    kind = args.labeler or ("rules" if args.dataset == "demo" else "chexbert")
+    try:
+        studies = pipeline.load_studies(args.dataset, args.data_root, args.split)  # draws the demo if missing
+        labeler = pipeline.build_labeler(kind, args.chexbert_weights, args.weights_dir)
+        train = training_reports(args.dataset, args.data_root)
+    except pipeline.USER_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
+    ref = _label(labeler, [s.report for s in studies])  # [N, 14]
+    scores = trivial_baselines(ref, labeler, train, seed=args.seed)
+    scores.update({k: v for k, v in ce_scores(ref, ref).items() if k != "per_observation"})  # first row
+    no_finding = int((ref[:, -1] == 1).sum())
+    print(f"{args.dataset} {args.split}: {len(studies)} studies, {no_finding} of them No Finding by the "
+          f"{kind} labeler; the first row scores the references against themselves")
+    table = format_table(scores, labeler=kind).splitlines()
+    print("\n".join(table[table.index("") + 1:] if "" in table else table))
+    print(trivial_sentence(scores))
+    print(f"the most common training report: {scores['baseline/most_common/report']!r}")
+    return scores
+
+
+if __name__ == "__main__":
+    main()

@@ -144,3 +144,12 @@ def test_warning_only_above_ten_percent_of_studies():
     line = report_warning({"num_empty_reports": 1, "num_failed_reports": 2}, 10)
     assert line.startswith("warning: 2 of 10 generated reports (20%)") and "\n" not in line
     assert report_warning({"num_empty_reports": 3}, 10).startswith("warning: 3 of 10")
+
+
+def test_command_line_prints_the_baselines_of_a_demo_split(tmp_path, capsys):
+    from mrgr1 import baselines, synthetic
+    root = synthetic.generate(str(tmp_path / "demo"), n_train=8, n_val=0, n_test=6, image_size=28)
+    scores = baselines.main(["--dataset", "demo", "--data-root", root])
+    out = capsys.readouterr().out
+    assert "demo test: 6 studies" in out and trivial_sentence(scores) in out
+    assert scores["ce_micro/f1"] == 1.0  # the first row: the references scored against themselves
