@@ -34,7 +34,9 @@ WHERE_TO_GET_DATA = """\
 Where to get the data (mrgr1 downloads none of it):
   demo       written by `python -m mrgr1.synthetic --out data/demo` (no download).
   iu_xray    IU X-Ray (Demner-Fushman et al., 2016) as preprocessed by R2Gen: the README of
-             github.com/zhjohnchan/R2Gen links the archive; unpack it to data/iu_xray.
+             github.com/zhjohnchan/R2Gen links the archive; unpack it to data/iu_xray. Or the
+             Open-i release (NLMCXR_reports.tgz + NLMCXR_png.tgz from openi.nlm.nih.gov) unpacked
+             there as ecgen-radiology/ + NLMCXR_png/ (annotation.json is derived: mrgr1/iu_xml.py).
   mimic_cxr  MIMIC-CXR (Johnson et al., 2019) as preprocessed by R2Gen: the same README links it;
              unpack it to data/mimic_cxr. MIMIC-CXR in any form needs a credentialed PhysioNet
              account and the signed data use agreement; the original images (MIMIC-CXR-JPG) are on
@@ -133,12 +135,15 @@ def load_split(dataset: str, root: str | None, split: str, *, all_images: bool =
         hint = ("; write it with `python -m mrgr1.synthetic --out " + root + "`"
                 if dataset == "demo" else "")
         raise DataError(f"data folder not found: {root}{hint}\n{WHERE_TO_GET_DATA}")
-    ann_path = os.path.join(root, "annotation.json")
+    ann_path, images_dir = os.path.join(root, "annotation.json"), os.path.join(root, "images")
+    if dataset == "iu_xray":
+        from . import iu_xml  # the Open-i XML release: annotation.json derived on first use
+        if iu_xml.is_xml_release(root):
+            ann_path, images_dir = iu_xml.prepare(root)
     ann = _read_annotation(ann_path)
     entries = ann.get(split)
     if not isinstance(entries, list):
         raise DataError(f"{ann_path} has no '{split}' list of studies")
-    images_dir = os.path.join(root, "images")
     studies = [_entry_to_study(e, ann_path, images_dir, split, i, all_images)
                for i, e in enumerate(entries)]
     return _check_images(studies, ann_path, skip_missing_images)

@@ -45,7 +45,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from mrgr1 import checkpoint, data, distributed, eval_report, lora, pipeline, run_config, vlm, weights
+from mrgr1 import baselines, checkpoint, data, distributed, eval_report, lora, pipeline, run_config, vlm, weights
 from mrgr1.evaluation import generate_reports
 from mrgr1.metrics import ce_scores, format_table, nlg_scores
 from mrgr1.predictions import PredictionsError, append_records, read_predictions
@@ -155,8 +155,27 @@ def score_records(records: list[dict]) -> dict:
     completions = [r["generated"] for r in records if isinstance(r.get("generated"), str)]
     if completions:  # other systems' files may hold reports only: no format to judge
         scores["format_reward/mean"] = float(format_reward(completions).mean())
-    scores["num_empty_reports"] = sum(not r.strip() for r in reports)
+    scores.update(baselines.report_counts(reports, completions if len(completions) == len(records) else None))
     return scores
+
+
+def baseline_scores(args, records: list[dict], make_labeler, own_references: bool = True) -> dict:
+    """The trivial baselines (mrgr1/baselines.py) on these studies with --labeler: the empty report
+    always, the training-report ones when --dataset's training split can be read; {} when the
+    references were labelled by something else (labels in a predictions file)."""
+    if not own_references:
+        print("baselines not computed: the reference labels came from the predictions file "
+              "(--relabel labels them with --labeler)")
+        return {}
+    train = None
+    try:
+        train = baselines.training_reports(args.dataset, args.data_root) if args.dataset else None
+    except data.DataError as e:
+        print(f"training-report baselines not computed: {str(e).splitlines()[0]}")
+    if not args.dataset:
+        print("training-report baselines not computed: give --dataset (and --data-root) to add them")
+    ref = torch.tensor([r["reference_labels"] for r in records])  # [N, 14]
+    return baselines.trivial_baselines(ref, make_labeler(), train, seed=args.seed)
 
 
 def lazy_labeler(args, device):
@@ -271,7 +290,7 @@ def resume_state(args, studies: list[data.Study], pred_path: str) -> list[dict]:
     return done
 
 
-def run_model(args, device) -> tuple[list[dict], list[data.Study]]:
+def run_model(args, device, make_labeler) -> tuple[list[dict], list[data.Study]]:
     """Generate, label and append predictions for every study not done yet; returns all records
     and the studies they are for, in split order."""
     split = pipeline.load_studies(args.dataset, args.data_root, args.split, all_images=args.all_images)
@@ -280,7 +299,7 @@ def run_model(args, device) -> tuple[list[dict], list[data.Study]]:
     print(f"settings (pixels, new tokens, prompt, labeler) from {args.recorded_from or 'the ' + args.dataset + ' preset'}"
           f", flags given override them; image resolution {args.min_pixels} to {args.max_pixels} pixels per view")
     # missing CheXbert weights stop the run here, before the model loads
-    labeler = pipeline.build_labeler(args.labeler, args.chexbert_weights, args.weights_dir, device)
+    labeler = make_labeler()
     os.makedirs(args.output_dir, exist_ok=True)
     pred_path = os.path.join(args.output_dir, PREDICTIONS_FILE)
     done_ids = {r["id"] for r in resume_state(args, split, pred_path)}
@@ -309,17 +328,21 @@ def run_model(args, device) -> tuple[list[dict], list[data.Study]]:
 
 def evaluate(args) -> dict:
     device = distributed.pick_device(args.device)
+    make_labeler = lazy_labeler(args, device)
     if args.predictions:
         if not os.path.isfile(args.predictions):
             raise EvalError(f"--predictions {args.predictions}: no such file")
         records = read_predictions(args.predictions)
-        labelled = label_missing(records, lazy_labeler(args, device), relabel=args.relabel)
+        own_references = args.relabel or not any("reference_labels" in r for r in records)  # baselines
+        labelled = label_missing(records, make_labeler, relabel=args.relabel)
         labels_from = args.labeler if labelled else "the predictions file"
         source, studies = args.predictions, []
     else:
-        records, studies = run_model(args, device)
+        records, studies = run_model(args, device, make_labeler)
         labels_from, source = args.labeler, os.path.join(args.output_dir, PREDICTIONS_FILE)
+        own_references = True
     scores = score_records(records)
+    scores.update(baseline_scores(args, records, make_labeler, own_references))
     scores["labeler"] = labels_from
     os.makedirs(args.output_dir, exist_ok=True)
     out = os.path.join(args.output_dir, METRICS_FILE)
@@ -329,7 +352,11 @@ def evaluate(args) -> dict:
     print(format_table(scores, labeler=labels_from))
     if "format_reward/mean" in scores:
         print(f"{'format reward (mean)':<32}{scores['format_reward/mean']:8.4f}")
-    print(f"{'empty reports':<32}{scores['num_empty_reports']:8d}\nwrote {out}")
+    print(f"{'empty reports':<32}{scores['num_empty_reports']:8d}")
+    for line in (baselines.trivial_sentence(scores), baselines.report_warning(scores, len(records))):
+        if line:
+            print(line)
+    print(f"wrote {out}")
     if args.html:  # a predictions file has no images; a model run shows each study's views
         views = {s.id: s.image_paths for s in studies}
         page = eval_report.write_eval_report(args.output_dir, records, scores, labeler=labels_from, image_paths=views)

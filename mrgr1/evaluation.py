@@ -93,9 +93,11 @@ def evaluate_policy(cfg: RunConfig, model, processor, encoder, labeler, studies:
     return scores
 
 
-def before_after(before: dict, after: dict) -> str:
-    """The run's outcome in one line: test CE-F1 (and the sampled reward, if measured) before -> after GRPO."""
+def before_after(before: dict, after: dict, trivial: str = "") -> str:
+    """The run's outcome: test CE-F1 (and the sampled reward, if measured) before -> after GRPO, and
+    on a line of its own where the trivial level is (`baselines.trivial_sentence`: reports that
+    need no model, on the same studies with the same labeler)."""
     line = f"\nGRPO moved test CE-F1 (micro) {before['ce_micro/f1']:.4f} -> {after['ce_micro/f1']:.4f}"
     if "sampled/reward" in before:
         line += f", the sampled reward {before['sampled/reward']:.4f} -> {after['sampled/reward']:.4f}"
-    return line
+    return line + (f"\nthe trivial level, without a model: {trivial}" if trivial else "")

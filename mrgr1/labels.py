@@ -43,6 +43,16 @@ BLANK, POSITIVE, NEGATIVE, UNCERTAIN = 0, 1, 2, 3
 #   3. report level, as CheXpert aggregates mentions: positive > uncertain > negative > blank.
 #   4. No Finding (CheXpert's rule): 1 when no observation other than Support Devices is
 #      positive or uncertain, else 0. Text that mentions nothing therefore gets No Finding = 1.
+#
+# Real report language (IU X-Ray, MIMIC-CXR) the rules also read:
+#   - IU X-Ray replaces identifying words with "XXXX", device nouns among them. "sternotomy XXXX"
+#     (the wires) is a support device; "right chest XXXX" / "left subclavian XXXX" is one when
+#     its clause places it ("tip", "terminates", "in place", "placement", "projects over"...).
+#     Any other XXXX is a word like any other: it is neither a finding nor a cue.
+#   - "borderline" describing the heart or mediastinum ("borderline heart size", "heart size is
+#     borderline") is uncertain, as "borderline cardiomegaly" is.
+#   - old or healed granulomatous disease / infection, and "sequelae of prior infection", are not
+#     pneumonia (the words are masked before mentions are looked for).
 # ----------------------------------------------------------------------------------------------
 import re
 
@@ -65,8 +75,15 @@ _FINDING_WORDS = {
     "Support Devices": r"endotracheal tube|et tube|tracheostomy(?: tube)?|(?:enteric|nasogastric|ng|og"
                        r"|feeding|chest) tubes?|central (?:venous )?(?:line|catheter)|picc(?: line)?"
                        r"|catheters?|pacemaker|pacer|(?:pacing|pacer) (?:leads?|wires?)"
-                       r"|sternotomy wires|support devices?|port-?a-?cath|drains?|icd",
+                       r"|(?:sternotomy|sternal) wires|support devices?|port-?a-?cath|drains?|icd|aicd"
+                       r"|(?:cardiac |implantable )?defibrillator|sternotomy xxxx",
 }
+# An anonymised noun ("xxxx") after a body site counts as a device only where its clause places it.
+_SITE_XXXX_PATTERN = (r"(?:right|left)(?:-sided)? (?:chest wall|chest|subclavian|internal jugular"
+                      r"|jugular|ij|arm|upper extremity) xxxx")
+_DEVICE_CONTEXT = (r"tip|tips|terminat\w*|in (?:\w+ )?(?:place|position)|position\w*|placement|placed"
+                   r"|inserted|insertion|courses?|coursing|overl(?:y|ies|ying)|projects?|projecting"
+                   r"|extends?|removed|removal")
 _ANATOMY_WORDS = {  # count only with a descriptor (see _anatomy_mention)
     "Enlarged Cardiomediastinum": r"cardiomediastinal (?:silhouette|contours?)|(?:superior |upper )?"
                                   r"mediastinum|mediastinal (?:contours?|silhouette|width)",
@@ -74,18 +91,21 @@ _ANATOMY_WORDS = {  # count only with a descriptor (see _anatomy_mention)
 }
 _ABNORMAL = r"enlarged|enlargement|widened|widening|prominent|prominence|large|increased"
 _NORMAL = r"normal|unremarkable"
+_BORDERLINE = r"borderline"  # "borderline heart size", "heart size is borderline": uncertain
 _PRE_UNCERTAIN = (r"may|might|could|possible|possibly|probable|probably|likely|suggests?|suggestive of"
                   r"|suggesting|concerning for|suspicious for|suspected|suspect|questionable|question of"
                   r"|cannot (?:be )?(?:excluded|ruled out)|cannot exclude|can't exclude|not excluded"
                   r"|borderline|equivocal|indeterminate|versus|vs")
-_PRE_NEGATION = (r"no|not|without|free of|negative for|absence of|absent|resolution of|resolved"
+_PRE_NEGATION = (r"no|not|without|free of|negative for|absence of|absent|resolution of|resolved|removal of"
                  r"|clear of|rules? out|ruled out")
 _POST_UNCERTAIN = (r"(?:cannot|can not|could not) be (?:excluded|ruled out)|not (?:be )?excluded"
                    r"|(?:is|are) (?:possible|likely|suspected|questioned|not excluded)|may be present")
 _POST_NEGATION = (r"(?:is|are|was|were) not (?:seen|identified|present|visualized|appreciated|evident)"
                   r"|not seen|(?:has|have) resolved|resolved|(?:is|are) absent|(?:has|have) been removed"
                   r"|removed")
-_PSEUDO = r"no (?:significant |interval )?change|not changed|without (?:interval )?change|unchanged"
+_PSEUDO = (r"no (?:significant |interval )?change|not changed|without (?:interval )?change|unchanged"
+           r"|(?:(?:old|healed|remote|prior|previous|chronic) )?granulomatous (?:disease|infection|process|changes?)"
+           r"|(?:sequelae?|evidence) of (?:an? )?(?:old|healed|remote|prior|previous) infection")
 _CLAUSE_BREAK = r";|\b(?:but|however|although|though|except|which|whereas|apart from|aside from)\b"
 _CONJUNCTION_GAP = r"[\s,]*(?:and|or|nor|and/or)?[\s,]*"
 
@@ -96,8 +116,11 @@ def _words(pattern: str) -> re.Pattern:
 
 _FINDING_RE = {k: _words(v) for k, v in _FINDING_WORDS.items()}
 _ANATOMY_RE = {k: _words(v) for k, v in _ANATOMY_WORDS.items()}
-_DESCRIPTOR_RE = _words(rf"(?P<abn>{_ABNORMAL})|(?P<nor>{_NORMAL})")
-_ADJACENT_DESCRIPTOR_RE = re.compile(rf"\b(?:(?P<abn>{_ABNORMAL})|(?P<nor>{_NORMAL}))(?:\s+(?:of|the))*\s+$")
+_DESCRIPTOR_RE = _words(rf"(?P<abn>{_ABNORMAL})|(?P<nor>{_NORMAL})|(?P<unc>{_BORDERLINE})")
+_ADJACENT_DESCRIPTOR_RE = re.compile(rf"\b(?:(?P<abn>{_ABNORMAL})|(?P<nor>{_NORMAL})|(?P<unc>{_BORDERLINE}))"
+                                     rf"(?:\s+(?:of|the))*\s+$")
+_SITE_XXXX_RE = _words(_SITE_XXXX_PATTERN)
+_DEVICE_CONTEXT_RE = _words(_DEVICE_CONTEXT)
 _PRE_CUE_RE = _words(rf"(?P<unc>{_PRE_UNCERTAIN})|(?P<neg>{_PRE_NEGATION})")
 _POST_CUE_RE = _words(rf"(?P<unc>{_POST_UNCERTAIN})|(?P<neg>{_POST_NEGATION})")
 
@@ -126,6 +149,8 @@ def _mentions(clause: str) -> list[tuple[int, int, str, bool]]:
     """(start, end, observation, is_anatomy) of every mention, in text order."""
     found = [(m.start(), m.end(), obs, False) for obs, rx in _FINDING_RE.items() for m in rx.finditer(clause)]
     found += [(m.start(), m.end(), obs, True) for obs, rx in _ANATOMY_RE.items() for m in rx.finditer(clause)]
+    if _DEVICE_CONTEXT_RE.search(clause):  # "right chest xxxx with its tip in the svc"
+        found += [(m.start(), m.end(), "Support Devices", False) for m in _SITE_XXXX_RE.finditer(clause)]
     return sorted(found)
 
 
@@ -151,6 +176,8 @@ def _anatomy_label(clause: str, start: int, after: str, after_offset: int) -> in
         return BLANK
     if desc.group("nor"):
         return NEGATIVE
+    if desc.group("unc"):
+        return UNCERTAIN
     cue_at = desc.start() if adjacent else after_offset + desc.start()
     desc_end = desc.end() if adjacent else after_offset + desc.end()
     return _cue_label(clause[:cue_at], clause[desc_end:])

@@ -13,6 +13,12 @@ names each one:
                 the 14 (sklearn average="macro"): R2GenCMN `compute_ce.py`.
   ce_example/*  same binarisation, P/R/F1 per report then the mean over
                 reports: the PromptMRG `metrics_clinical.py` convention.
+  ce_micro_13/*, ce_macro_13/*
+                ce_micro / ce_macro over the 13 observations other than No
+                Finding (the ones MCCS rewards). No Finding is positive in most
+                references of both data sets (and in an empty report's labels),
+                so it alone lifts the 14-observation figures of reports that
+                say nothing; these two leave it out.
   chexbert_14/*, chexbert_5/*
                 uncertain counted as positive (codes 1 and 3 -> 1): the
                 f1chexbert / RadEval "rrg" convention; micro and macro F1 over
@@ -47,10 +53,11 @@ from collections import Counter
 
 import numpy as np
 
-from mrgr1.labels import CONDITIONS, POSITIVE, UNCERTAIN
+from mrgr1.labels import CONDITIONS, NO_FINDING, POSITIVE, UNCERTAIN
 
 FIVE_OBSERVATIONS = ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"]
 _FIVE_IDX = [CONDITIONS.index(name) for name in FIVE_OBSERVATIONS]
+_THIRTEEN_IDX = [c for c in range(len(CONDITIONS)) if c != NO_FINDING]  # the observations MCCS uses
 
 # ----------------------------------------------------------------------------
 # Clinical efficacy
@@ -100,22 +107,22 @@ def _triple(prefix: str, p, r, f) -> dict:
     return {f"{prefix}/precision": float(p), f"{prefix}/recall": float(r), f"{prefix}/f1": float(f)}
 
 
-def ce_micro(pred: np.ndarray, ref: np.ndarray) -> dict:
+def ce_micro(pred: np.ndarray, ref: np.ndarray, prefix: str = "ce_micro") -> dict:
     """Micro P/R/F1: counts summed over all reports and observations, bool [N, C] inputs.
 
     Example: tp=2, fp=2, fn=1 -> P = 2/4, R = 2/3, F1 = 4/7.
     """
     tp, fp, fn = (c.sum() for c in _counts(pred, ref, axis=0))
-    return _triple("ce_micro", *_prf(tp, fp, fn))
+    return _triple(prefix, *_prf(tp, fp, fn))
 
 
-def ce_macro(pred: np.ndarray, ref: np.ndarray) -> dict:
+def ce_macro(pred: np.ndarray, ref: np.ndarray, prefix: str = "ce_macro") -> dict:
     """Macro P/R/F1: P/R/F1 of each observation (column), then the plain mean over columns.
 
     Columns without any positive (support 0) score 0 and still count.
     """
     p, r, f = _prf(*_counts(pred, ref, axis=0))  # each [C]
-    return _triple("ce_macro", p.mean(), r.mean(), f.mean())
+    return _triple(prefix, p.mean(), r.mean(), f.mean())
 
 
 def ce_example(pred: np.ndarray, ref: np.ndarray) -> dict:
@@ -170,6 +177,9 @@ def ce_scores(pred_labels, ref_labels) -> dict:
     scores.update(ce_micro(pos_pred, pos_ref))
     scores.update(ce_macro(pos_pred, pos_ref))
     scores.update(ce_example(pos_pred, pos_ref))
+    pos_pred_13, pos_ref_13 = pos_pred[:, _THIRTEEN_IDX], pos_ref[:, _THIRTEEN_IDX]  # [N, 13]
+    scores.update(ce_micro(pos_pred_13, pos_ref_13, "ce_micro_13"))
+    scores.update(ce_macro(pos_pred_13, pos_ref_13, "ce_macro_13"))
     scores.update(chexbert_f1(unc_pred, unc_ref, "chexbert_14"))
     five_pred, five_ref = unc_pred[:, _FIVE_IDX], unc_ref[:, _FIVE_IDX]  # [N, 5]
     scores.update(chexbert_f1(five_pred, five_ref, "chexbert_5"))
@@ -359,6 +369,8 @@ _CE_ROWS = [
     ("ce_micro", "positive only, micro over 14 obs (R2GenCMN compute_ce)"),
     ("ce_macro", "positive only, macro over 14 obs (R2GenCMN compute_ce)"),
     ("ce_example", "positive only, per report then mean (PromptMRG)"),
+    ("ce_micro_13", "positive only, micro over 13 obs (No Finding left out)"),
+    ("ce_macro_13", "positive only, macro over 13 obs (No Finding left out)"),
 ]
 _CHEXBERT_ROWS = [
     ("chexbert_14", "uncertain = positive, 14 obs (f1chexbert / RadEval rrg)"),
@@ -368,13 +380,43 @@ _NLG_ROWS = [("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), (
              ("rouge_l", "ROUGE-L (LCS F, beta 1.2)"), ("cider_d", "CIDEr-D (sigma 6, x10)")]
 
 
+# F1 columns of the baseline comparison: (score key, column title)
+_BASELINE_COLUMNS = [("ce_micro/f1", "micro14"), ("ce_macro/f1", "macro14"), ("ce_example/f1", "example"),
+                     ("ce_micro_13/f1", "micro13"), ("ce_macro_13/f1", "macro13"),
+                     ("chexbert_14/micro_f1", "chxb14"), ("chexbert_5/micro_f1", "chxb5")]
+BASELINES = [("empty", "an empty report"), ("most_common", "the most common training report"),
+             ("random", "a random training report")]  # key in "baseline/<key>/...", what it is
+
+
+def _ce_header(scores: dict, labeler: str) -> str:
+    """'Clinical efficacy (100 reports, rules labels; 2 empty, 5 without a <report> section)'."""
+    counts = [f"{int(scores[key])} {what}" for key, what in (
+        ("num_empty_reports", "empty"), ("num_unparseable_reports", "without a <report> section"))
+        if key in scores]
+    return (f"Clinical efficacy ({int(scores.get('num_reports', 0))} reports, {labeler} labels"
+            + ("; " + ", ".join(counts) if counts else "") + ")")
+
+
+def _baseline_lines(scores: dict) -> list[str]:
+    """F1 of the scored reports beside the trivial baselines' (keys "baseline/<name>/<score key>")."""
+    rows = [(what, f"baseline/{key}/") for key, what in BASELINES if f"baseline/{key}/ce_micro/f1" in scores]
+    if not rows:
+        return []
+    lines = ["", "F1 beside reports that need no model (same studies, same labeler)",
+             f"{'':<34}" + "".join(f"{title:>9}" for _, title in _BASELINE_COLUMNS)]
+    for what, prefix in [("the scored reports", "")] + rows:
+        lines.append(f"{what:<34}" + "".join(f"{scores[prefix + key]:9.4f}" for key, _ in _BASELINE_COLUMNS))
+    return lines
+
+
 def format_table(scores: dict, labeler: str = "CheXbert") -> str:
     """A readable table of whatever `ce_scores` / `nlg_scores` keys `scores` holds; `labeler` names
-    what produced the labels (the rule-based labeler for the demo)."""
+    what produced the labels (the rule-based labeler for the demo). Keys from
+    `mrgr1.baselines.trivial_baselines` add the baseline comparison; "num_empty_reports" /
+    "num_unparseable_reports" (`mrgr1.baselines.report_counts`) go into the CE header."""
     lines, W = [], 72  # W: width of the convention column
     if "ce_micro/f1" in scores:
-        lines += [f"Clinical efficacy ({int(scores.get('num_reports', 0))} reports, {labeler} labels)",
-                  f"{'convention':<{W}}{'P':>8}{'R':>8}{'F1':>8}"]
+        lines += [_ce_header(scores, labeler), f"{'convention':<{W}}{'P':>8}{'R':>8}{'F1':>8}"]
         for key, what in _CE_ROWS:
             p, r, f = (scores[f"{key}/{m}"] for m in ("precision", "recall", "f1"))
             lines.append(f"{key + '  ' + what:<{W}}{p:8.4f}{r:8.4f}{f:8.4f}")
@@ -383,6 +425,7 @@ def format_table(scores: dict, labeler: str = "CheXbert") -> str:
             acc = f"{scores[key + '/accuracy']:8.4f}" if key + "/accuracy" in scores else ""
             lines.append(f"{key + '  ' + what:<{W}}{scores[key + '/micro_f1']:12.4f}"
                          f"{scores[key + '/macro_f1']:12.4f}{acc}")
+        lines += _baseline_lines(scores)
     if "per_observation" in scores:
         lines += ["", f"{'per observation (positive only)':<32}{'P':>8}{'R':>8}{'F1':>8}{'support':>9}"]
         for name, m in scores["per_observation"].items():

@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import charts, checkpoint, distributed, lora, pipeline, rollout_viewer, run_config, tracking, trainer
+from . import baselines, charts, checkpoint, distributed, lora, pipeline, rollout_viewer, run_config, tracking, trainer
 from .evaluation import before_after, evaluate_policy
 from .metrics import format_table
 from .prompts import PromptEncoder
@@ -249,7 +249,9 @@ def train(cfg: RunConfig) -> dict:
         if distributed.is_main():
             print(format_table(results["after"], labeler=cfg.labeler))
             if "before" in results:
-                print(before_after(results["before"], results["after"]))
+                trivial = baselines.trivial_baselines(labeler.label([s.report for s in test_studies]), labeler,
+                                                      [s.report for s in train_studies], seed=cfg.seed)
+                print(before_after(results["before"], results["after"], baselines.trivial_sentence(trivial)))
     if distributed.is_main():
         if cfg.sample_every:  # the index of the rollout pages, with the curves and the CE-F1
             rollout_viewer.write_index(cfg.output_dir, results)

@@ -271,3 +271,56 @@ def test_format_table_names_each_convention():
     for text in ("R2GenCMN", "PromptMRG", "f1chexbert", "ce_example", "chexbert_5", "No Finding",
                  "BLEU-4", "ROUGE-L", "CIDEr-D", "METEOR not computed"):
         assert text in table
+
+
+# ---------------------------------------------------------------- No Finding left out
+
+
+def test_thirteen_observation_conventions_leave_no_finding_out():
+    pred, ref = label_matrices()
+    s = ce_scores(pred, ref)
+    # without No Finding: ref positives {Card, Edema} {} {}; pred {Card, Eff} {LO} {}
+    # tp = Card = 1; fp = Eff + LO = 2; fn = Edema = 1
+    assert s["ce_micro_13/precision"] == pytest.approx(1 / 3)
+    assert s["ce_micro_13/recall"] == pytest.approx(1 / 2)
+    assert s["ce_micro_13/f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 1))  # 2/5
+    # macro over 13: only Cardiomegaly scores (P = R = F1 = 1); the other 12 score 0
+    assert s["ce_macro_13/f1"] == pytest.approx(1 / 13)
+    assert s["ce_macro_13/precision"] == pytest.approx(1 / 13)
+
+
+def test_thirteen_observation_conventions_match_sklearn_on_the_columns_other_than_no_finding():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    pred, ref = rng.integers(0, 4, (40, 14)), rng.integers(0, 4, (40, 14))
+    s = ce_scores(pred, ref)
+    keep = [c for c in range(14) if c != NF]
+    yp, yr = (pred == 1)[:, keep], (ref == 1)[:, keep]
+    for avg in ("micro", "macro"):
+        assert s[f"ce_{avg}_13/precision"] == pytest.approx(
+            metrics.precision_score(yr, yp, average=avg, zero_division=0))
+        assert s[f"ce_{avg}_13/recall"] == pytest.approx(metrics.recall_score(yr, yp, average=avg, zero_division=0))
+        assert s[f"ce_{avg}_13/f1"] == pytest.approx(metrics.f1_score(yr, yp, average=avg, zero_division=0))
+
+
+def test_an_empty_report_scores_on_no_finding_alone():
+    # three references: two normal (No Finding), one with cardiomegaly; the prediction is
+    # No Finding everywhere (what a labeler gives an empty report)
+    ref = np.zeros((3, 14), dtype=np.int64)
+    ref[[0, 1], NF] = 1
+    ref[2, CARD] = 1
+    pred = np.zeros((3, 14), dtype=np.int64)
+    pred[:, NF] = 1
+    s = ce_scores(pred, ref)
+    assert s["ce_micro/f1"] == pytest.approx(2 / 3)  # tp 2 (NF), fp 1 (NF on r2), fn 1 (Card)
+    assert s["ce_micro_13/f1"] == 0.0  # nothing found: the 13-observation figure says so
+
+
+def test_format_table_shows_the_thirteen_observation_rows_and_report_counts():
+    pred, ref = label_matrices()
+    scores = ce_scores(pred, ref)
+    scores.update({"num_empty_reports": 2, "num_unparseable_reports": 1})
+    table = format_table(scores, labeler="rules")
+    assert "ce_micro_13" in table and "ce_macro_13" in table and "No Finding left out" in table
+    assert table.splitlines()[0] == ("Clinical efficacy (3 reports, rules labels; 2 empty, "
+                                     "1 without a <report> section)")

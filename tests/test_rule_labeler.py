@@ -112,3 +112,85 @@ def test_report_level_precedence_is_positive_then_uncertain_then_negative():
     assert _codes("No effusion. Small left effusion.")["Pleural Effusion"] == POSITIVE
     assert _codes("No effusion. Possible right effusion.")["Pleural Effusion"] == UNCERTAIN
     assert _codes("Possible effusion. There is a large effusion.")["Pleural Effusion"] == POSITIVE
+
+
+# ---------------------------------------------------------------- real report language
+# Sentences written for these tests in the style of IU X-Ray reports (which replace identifying
+# words with XXXX); no real report is copied here.
+DEVICE = "Support Devices"
+
+
+@pytest.mark.parametrize("text", [
+    "Median sternotomy XXXX are intact.",
+    "Postoperative sternotomy XXXX and mediastinal clips.",
+    "Stable right chest XXXX with its tip in the SVC.",
+    "Left chest wall XXXX projects over the right atrium.",
+    "Interval placement of a right internal jugular XXXX.",
+    "Right-sided subclavian XXXX terminates in the distal SVC.",
+])
+def test_an_anonymised_device_noun_is_a_support_device_where_the_context_places_it(text):
+    assert _codes(text).get(DEVICE) == POSITIVE
+
+
+@pytest.mark.parametrize("text", [
+    "Right chest XXXX.",                       # nothing says it is a device
+    "XXXX XXXX are intact. Right lung XXXX.",  # anonymised words elsewhere
+    "Right upper lobe XXXX opacity.",          # not a device site
+])
+def test_an_anonymised_word_without_device_context_is_not_a_device(text):
+    assert DEVICE not in _codes(text)
+
+
+def test_a_removed_anonymised_device_is_negative():
+    assert _codes("Interval removal of the right chest XXXX with its tip no longer seen.")[DEVICE] == NEGATIVE
+    assert _codes("The right chest XXXX has been removed.")[DEVICE] == NEGATIVE
+
+
+@pytest.mark.parametrize("text", [
+    "Borderline heart size.",
+    "Heart size is borderline.",
+    "The heart is borderline in size.",
+    "Cardiac silhouette is borderline enlarged.",
+    "Borderline cardiomegaly.",
+])
+def test_borderline_heart_size_is_uncertain_cardiomegaly(text):
+    codes = _codes(text)
+    assert codes["Cardiomegaly"] == UNCERTAIN
+    assert "No Finding" not in codes  # uncertain counts as a finding for No Finding
+
+
+def test_borderline_mediastinum_is_uncertain_enlarged_cardiomediastinum():
+    assert _codes("The mediastinal contours are borderline widened.")["Enlarged Cardiomediastinum"] == UNCERTAIN
+
+
+@pytest.mark.parametrize("text", [
+    "Old granulomatous disease.",
+    "Evidence of old granulomatous infection.",
+    "Calcified lymph nodes from prior granulomatous disease.",
+    "Findings consistent with sequelae of prior infection.",
+    "Granulomatous changes in the right upper lobe.",
+])
+def test_old_granulomatous_disease_is_not_pneumonia(text):
+    codes = _codes(text)
+    assert "Pneumonia" not in codes
+    assert codes["No Finding"] == POSITIVE
+
+
+def test_a_current_infection_is_still_pneumonia():
+    assert _codes("Right lower lobe opacity concerning for infection.")["Pneumonia"] == UNCERTAIN
+    assert _codes("Old granulomatous disease. New right basilar infection.")["Pneumonia"] == POSITIVE
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Left-sided AICD with leads in the right ventricle.", POSITIVE),
+    ("Implantable defibrillator in place.", POSITIVE),
+    ("Sternal wires are intact.", POSITIVE),
+])
+def test_more_device_words(text, expected):
+    assert _codes(text)[DEVICE] == expected
+
+
+def test_suspicious_as_an_adjective_in_a_negated_list_stays_negative():
+    codes = _codes("No focal consolidation, suspicious pulmonary opacity, large pleural effusion, "
+                   "or pneumothorax is identified.")
+    assert {codes[k] for k in ("Consolidation", "Lung Opacity", "Pleural Effusion", "Pneumothorax")} == {NEGATIVE}

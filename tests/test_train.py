@@ -327,10 +327,12 @@ def test_before_and_after_grpo_report_ce_f1_and_the_sampled_reward(demo_root, tm
     for when in ("before", "after"):
         assert {"ce_micro/f1", "sampled/reward", "sampled/mccs", "sampled/format"} <= set(results[when])
         assert f"{when} GRPO: reward of 2 sampled completions per study" in printed
-    b, a = results["before"], results["after"]  # the run's last line sums it up
-    assert printed.strip().splitlines()[-1] == (
+    b, a = results["before"], results["after"]  # the run's last lines sum it up
+    assert printed.strip().splitlines()[-2] == (
         f"GRPO moved test CE-F1 (micro) {b['ce_micro/f1']:.4f} -> {a['ce_micro/f1']:.4f}, "
         f"the sampled reward {b['sampled/reward']:.4f} -> {a['sampled/reward']:.4f}")
+    assert printed.strip().splitlines()[-1].startswith(
+        "the trivial level, without a model: an empty report scores CE-F1 micro ")
     skipped = run(demo_root, tmp_path / "b", "--steps", "1", "--eval-limit", "2", "--eval-samples", "0")
     assert "ce_micro/f1" in skipped["before"] and "sampled/reward" not in skipped["before"]
 
