@@ -161,7 +161,22 @@ def main(argv=None) -> dict:
     print("\n".join(table[table.index("") + 1:] if "" in table else table))
     print(trivial_sentence(scores))
     print(f"the most common training report: {scores['baseline/most_common/report']!r}")
+    print(nlg_line([s.report for s in studies], train, args.seed))
     return scores
+
+
+def nlg_line(references: list[str], train_reports: list[str] | None, seed: int) -> str:
+    """BLEU-4 and ROUGE-L of the training-report baselines (an empty report scores 0 on both)."""
+    from .metrics import nlg_scores
+
+    if not train_reports:
+        return ""
+    shown = []
+    for label, reports in (("the most common training report", [most_common_report(train_reports)] * len(references)),
+                           ("a random training report", random_reports(train_reports, len(references), seed))):
+        nlg = nlg_scores(reports, references)
+        shown.append(f"{label}: BLEU-4 {nlg['bleu_4']:.4f}, ROUGE-L {nlg['rouge_l']:.4f}")
+    return "; ".join(shown)
 
 
 if __name__ == "__main__":
