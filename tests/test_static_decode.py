@@ -180,7 +180,7 @@ def test_graph_records_once_and_replays_every_later_token_on_cuda(models, batch,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a CUDA device")
-def test_graph_in_bf16_replays_the_static_step_bit_for_bit_log_probs_included(models, batch):
+def test_graph_in_bf16_on_cuda_replays_the_static_step_bit_for_bit_log_probs_included(models, batch):
     """bf16, sampled (temperature, top-k, top-p, suppressed ids), EOS ids that end rows at scattered
     steps (so the batch is compacted and a second graph recorded), log-probs taken inside the graph:
     the graph replays the static step's kernels, so tokens, mask and log-probs equal decode="static"
