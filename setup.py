@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",  # F.scaled_dot_product_attention(enable_gqa=...)
-        "torchvision>=0.19",
+        "torchvision>=0.20",  # the release paired with torch 2.5
         "numpy",
         "tokenizers>=0.19",
         "safetensors>=0.4",
