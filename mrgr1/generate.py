@@ -10,11 +10,11 @@ most of the wall time. This generator
    the prompt never run G times;
 3. decodes one token per step for all B*G rows at once, each row at its own M-RoPE
    position (1 + the largest position of its prompt, + the step), sampling with
-   temperature / top-k / top-p from an optional `torch.Generator`. The step is either
-   eager (the cache sliced to its filled columns) or static (`decode_one_token_static`:
-   the whole cache under a mask, the step's column and positions as device tensors,
-   sampling without host syncs), which on CUDA is recorded once as a CUDA graph and
-   replayed for every token (`record_graph`); all give the same tokens;
+   temperature / top-k / top-p from an optional `torch.Generator`. The step read here is the
+   eager one (`eager_step`: the cache sliced to its filled columns); `decode="static"` and
+   `decode="graph"` swap in a static-shape step, recorded as a CUDA graph on CUDA, from
+   `mrgr1/fast_decode.py`: a module of its own, not needed to follow this one. All give the
+   same tokens;
 4. stops a row at any of `eos_token_ids` (the EOS token is kept and masked 1, later
    columns are `pad_token_id` and masked 0), goes on with the running rows only once at
    most half of the batch runs (`keep_rows`), and stops once every row is done.
@@ -24,9 +24,8 @@ prompt token sits in the same column, so one cache length serves all rows, and a
 gives the same completion inside a padded batch as alone.
 
 The function vocabulary (`prefill`, `decode_one_token`, `logits_to_probs`, `sample`)
-and the static step replayed as a CUDA graph follow gpt-fast (github.com/pytorch-labs/gpt-fast,
-generate.py); the code is ours. How the static step works, and what is measured:
-docs/generation.md.
+follows gpt-fast (github.com/pytorch-labs/gpt-fast, generate.py); the code is ours. The decode
+paths and what is measured of them: docs/generation.md.
 The position rule is the one of Qwen2.5-VL (arXiv 2502.13923): text after the last image
 continues from the largest position used so far, on all three M-RoPE axes.
 
@@ -43,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 
@@ -54,15 +54,14 @@ from mrgr1.language import KVCache
 STOP_CHECK_EVERY_ON_ACCELERATOR = 8
 
 # The decode steps `generate` offers (its `decode` argument); all give the same tokens.
-#   eager:  the cache sliced to its filled columns, the mask one column longer each step.
-#   static: static shapes (whole cache, a mask, the step's column and positions on the device).
+#   eager:  the cache sliced to its filled columns, the mask one column longer each step (here).
+#   static: static shapes: whole cache, a mask, the step's column and positions on the device.
 #   graph:  the static step recorded once as a CUDA graph and replayed every token (CUDA only).
+#   (static and graph live in mrgr1/fast_decode.py.)
 DECODE_MODES = ("auto", "eager", "static", "graph")
 # Compact the batch (go on with the running rows only) once at most this share of its rows runs:
 # the finished rows then cost nothing; copying the running rows' cache costs one read of it.
 COMPACT_AT = 0.5
-# Real steps run before recording the graph (cuBLAS handles, allocator pools settle).
-GRAPH_WARMUP_STEPS = 2
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -148,19 +147,6 @@ def decode_one_token(model, tokens: torch.Tensor, attention_mask: torch.Tensor,
     return logits[:, -1]
 
 
-def decode_one_token_static(model, tokens: torch.Tensor, positions: torch.Tensor,
-                            key_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """The same step with static shapes: tokens [R] at positions [R] are written at cache
-    column `cache.column` (a device tensor) and attend over all cache.max_len columns through
-    key_mask [R, 1, 1, max_len] (True = attend) -> next-token logits [R, V]. No shape and no
-    Python value depends on the step, so one CUDA graph can record it for every step.
-    Calls the decoder directly: a text token needs no image features and no rope index."""
-    text = model.model.language_model
-    position_ids = positions.view(1, -1, 1).expand(3, -1, 1)                    # [3, R, 1]
-    hidden = text(text.embed_tokens(tokens[:, None]), position_ids, key_mask, cache)  # [R, 1, D]
-    return model.lm_head(hidden[:, -1])                                          # [R, V]
-
-
 def first_new_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of each prompt's first generated token: 1 + the largest M-RoPE position of
     its real (unpadded) tokens, on any axis. position_ids [3, B, P] -> [B].
@@ -186,8 +172,8 @@ class Sampling:
 
 @dataclass
 class Rows:
-    """The R = B*G rows being decoded. Every tensor is allocated once and updated in place, so a
-    recorded CUDA graph, which replays on fixed memory, sees each step's values."""
+    """The R = B*G rows being decoded. Every tensor is allocated once and updated in place (so the
+    CUDA graph of fast_decode.py, which replays on fixed memory, sees each step's values)."""
     tokens: torch.Tensor           # [R] long, the last token taken
     step: torch.Tensor             # [1] long, tokens taken so far = the next completion column
     done: torch.Tensor             # [R] bool, the row has taken an EOS
@@ -223,48 +209,25 @@ def eager_step(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: int
     take_token(rows, logits, how)
 
 
-def static_step(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: int) -> None:
-    """Feed each row's last token, take the next, with static shapes: the step's cache column
-    and positions are computed on the device from rows.step, the mask hides the columns not
-    yet written. The same kernels on the same memory every step (what a CUDA graph needs)."""
-    fed = rows.step - 1                                                          # [1]
-    torch.add(fed, prompt_len, out=cache.column)                                 # [1]
-    written = torch.arange(cache.max_len, device=fed.device) <= cache.column     # [L]
-    key_mask = (rows.key_mask & written)[:, None, None]                          # [R, 1, 1, L]
-    logits = decode_one_token_static(model, rows.tokens, rows.first_positions + fed,
-                                     key_mask, cache)                            # [R, V]
-    take_token(rows, logits, how)
-
-
-def record_graph(step: Callable[[], None], generator: torch.Generator | None) -> Callable[[], None]:
-    """Run `step` GRAPH_WARMUP_STEPS times for real on a side stream (lazy initialisations,
-    allocator), then record one call as a torch.cuda.CUDAGraph and return its replay: the
-    recorded kernels, launched as one unit on the same memory. The caller counts the warm-up
-    calls as steps taken. A generator is registered so every replay draws fresh numbers."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(GRAPH_WARMUP_STEPS):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    if generator is not None:
-        graph.register_generator_state(generator)
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 # ----------------------------------------------------------------------------- the loop
 
-def decode_rest(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: int, decode: str,
-                max_new_tokens: int, check_every: int) -> Rows:
-    """Take tokens 1 .. max_new_tokens-1 of every row (rows.step is 1) with the chosen decode step;
-    returns the rows, all of them, with their completions. Every `check_every` tokens, one host
-    sync asks which rows still run: none -> stop; at most COMPACT_AT of the batch -> go on with
-    those rows only (their cache rows copied out; "graph" records a new graph for the new size)."""
+StepMaker = Callable[..., Callable[[], None]]   # (model, rows, how, cache, prompt_len) -> step()
+
+
+def bind_eager_step(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: int) -> Callable[[], None]:
+    """The eager step as a function of no arguments, bound to these rows and this cache."""
+    return lambda: eager_step(model, rows, how, cache, prompt_len)
+
+
+def decode_rest(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: int, max_new_tokens: int,
+                check_every: int, make_step: StepMaker = bind_eager_step) -> Rows:
+    """Take tokens 1 .. max_new_tokens-1 of every row (rows.step is 1), one per call of the step
+    `make_step` binds to the rows and the cache; returns the rows, all of them, with their
+    completions. Every `check_every` tokens, one host sync asks which rows still run: none -> stop;
+    at most COMPACT_AT of the batch -> go on with those rows only (their cache rows copied out, a
+    step bound to them)."""
     out, taken = rows, 1
-    step, recorded = decode_step(model, rows, how, cache, prompt_len, decode), False
+    step = make_step(model, rows, how, cache, prompt_len)
     while taken < max_new_tokens:
         if taken % check_every == 0:
             running = (~rows.done).nonzero().squeeze(1)                          # [R'] (sync)
@@ -272,24 +235,20 @@ def decode_rest(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: in
                 break
             if len(running) <= COMPACT_AT * len(rows.done):
                 rows, cache = keep_rows(out, rows, running), cache.take_rows(running)
-                step, recorded = decode_step(model, rows, how, cache, prompt_len, decode), False
-        if decode == "graph" and not recorded and max_new_tokens - taken > GRAPH_WARMUP_STEPS:
-            step, recorded = record_graph(step, how.generator), True
-            taken += GRAPH_WARMUP_STEPS
-            continue
+                step = make_step(model, rows, how, cache, prompt_len)
         step()
         taken += 1
     store(out, rows)
     return out
 
 
-def decode_step(model, rows: Rows, how: Sampling, cache: KVCache, prompt_len: int,
-                decode: str) -> Callable[[], None]:
-    """The chosen step as a function of no arguments, bound to these rows and this cache."""
+def step_maker(decode: str) -> StepMaker:
+    """How decode_rest takes a token: the eager step of this file, or the static step / its CUDA
+    graph from mrgr1/fast_decode.py (imported only when asked for)."""
     if decode == "eager":
-        return lambda: eager_step(model, rows, how, cache, prompt_len)
-    cache.column = torch.zeros(1, dtype=torch.long, device=cache.k[0].device)
-    return lambda: static_step(model, rows, how, cache, prompt_len)
+        return bind_eager_step
+    from mrgr1.fast_decode import bind_fast_step
+    return partial(bind_fast_step, graph=decode == "graph")
 
 
 def keep_rows(out: Rows, rows: Rows, running: torch.Tensor) -> Rows:
@@ -335,8 +294,8 @@ def check_inputs(input_ids, attention_mask, max_new_tokens, num_samples, tempera
 
 
 def resolve_decode(decode: str, device: torch.device) -> str:
-    """'auto' is 'eager' everywhere for now: the graphed step has not yet been run on a GPU, and
-    it becomes the default on CUDA only once measured faster there (docs/generation.md)."""
+    """'auto' is 'eager' on every device: the graphed step becomes the default on CUDA only once a
+    GPU has measured it faster there (benchmarks/gpu_check.sh; docs/generation.md)."""
     if decode != "auto":
         return decode
     return "eager"
@@ -357,8 +316,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     are off. pad_token_id fills the columns after EOS (default: the first EOS id, else 0).
     suppress_token_ids are never sampled (their logits are set to -inf), e.g. <|image_pad|>,
     which would need an image the completion does not have.
-    decode chooses the decode step (DECODE_MODES): "eager", "static", "graph" (CUDA only) or
-    "auto" ("eager" until "graph" is measured on a GPU). All give the same tokens (see docs/generation.md).
+    decode chooses the decode step (DECODE_MODES): "eager" (this file), "static" or "graph" (CUDA
+    only; both in mrgr1/fast_decode.py), or "auto" (= "eager" until "graph" is measured faster on a
+    GPU). All give the same tokens (docs/generation.md).
 
     Returns the tuple (completions, mask), or (completions, mask, logps) with return_logps:
       completions [B*G, max_new_tokens] long, row i belongs to prompt i // G;
@@ -406,7 +366,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             key_mask=torch.cat([prompt_mask, prompt_mask.new_ones(rows_n, max_new_tokens)], dim=1),
             ids=torch.arange(rows_n, device=device))
         take_token(rows, logits.repeat_interleave(num_samples, dim=0), how)     # token 0
-        rows = decode_rest(model, rows, how, cache, prompt_len, decode, max_new_tokens, check_every)
+        rows = decode_rest(model, rows, how, cache, prompt_len, max_new_tokens, check_every,
+                           step_maker(decode))
     finally:
         model.train(was_training)
     completions, mask = rows.completions, rows.mask

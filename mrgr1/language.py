@@ -79,16 +79,11 @@ def mrope_cos_sin(position_ids: torch.Tensor, cfg: TextConfig) -> tuple[torch.Te
 class KVCache:
     """Preallocated keys/values: k[l], v[l] of shape [rows, kv_heads, max_len, head_dim].
 
-    Two ways to write, chosen by `column`:
-    - dynamic (`column` None, prefill and the eager decode step): `length` = number of columns
-      already filled (same for all rows: batches are left padded); each layer writes its new
-      keys/values at columns [length, length + T) and attends over columns [0, length + T).
-      `Qwen2_5_VL.hidden_states` advances `length` once all layers have run; the decoder does not.
-    - static (`column` a [1] long tensor on the cache's device, the static decode step): each
-      layer writes its one new key/value at that column and attends over all max_len columns,
-      the caller's mask hiding the unfilled ones. Shapes never change and the column is read on
-      the device, so the step can be recorded once as a CUDA graph and replayed; the caller
-      moves `column` in place."""
+    `length` = number of columns already filled (the same for all rows: batches are left padded);
+    each layer writes its new keys/values at columns [length, length + T) and attends over
+    columns [0, length + T). `Qwen2_5_VL.hidden_states` advances `length` once all layers have
+    run; the decoder does not. (The static decode step writes these tensors at a device-side
+    column instead: `mrgr1.fast_decode.ColumnCache`.)"""
 
     def __init__(self, num_layers, rows, kv_heads, max_len, head_dim, *, dtype, device):
         shape = (rows, kv_heads, max_len, head_dim)
@@ -96,7 +91,6 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
         self.max_len = max_len
-        self.column: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, model, rows, max_len, dtype=None, device=None) -> "KVCache":
@@ -116,20 +110,16 @@ class KVCache:
         return self.take_rows(torch.arange(self.rows, device=self.k[0].device).repeat_interleave(n))
 
     def take_rows(self, index: torch.Tensor) -> "KVCache":
-        """A new (dynamic) cache whose row j is a copy of row index[j]; index [R'] long."""
+        """A new cache whose row j is a copy of row index[j]; index [R'] long."""
         new = KVCache.__new__(KVCache)
         new.k = [k.index_select(0, index) for k in self.k]
         new.v = [v.index_select(0, index) for v in self.v]
-        new.length, new.max_len, new.column = self.length, self.max_len, None
+        new.length, new.max_len = self.length, self.max_len
         return new
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [rows, kv_heads, T, hd]; return the keys/values to attend over: columns
-        [0, length + T) when dynamic, all max_len columns when static (see the class docstring)."""
-        if self.column is not None:
-            self.k[layer].index_copy_(2, self.column, k)  # T = 1: column is [1]
-            self.v[layer].index_copy_(2, self.column, v)
-            return self.k[layer], self.v[layer]
+        [0, length + T)."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KVCache is full: {self.length} + {k.shape[2]} new tokens > max_len {self.max_len}; "

@@ -144,6 +144,67 @@ def test_graph_tokens_and_samples_equal_eager_on_cuda(models, batch):
             assert torch.equal(out[mode][1], out["eager"][1]), (mode, kwargs)
 
 
+def on_cuda(model, batch, dtype):
+    """A CUDA copy of `model` in `dtype` (its own weights, the CPU model untouched) and of `batch`."""
+    cuda_model = type(model).from_config(model.cfg).eval()
+    cuda_model.load_state_dict(model.state_dict())
+    cuda_model = cuda_model.to("cuda", dtype)
+    cuda_batch = {k: v.cuda() for k, v in batch.items()}
+    cuda_batch["pixel_values"] = cuda_batch["pixel_values"].to(dtype)
+    return cuda_model, cuda_batch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a CUDA device")
+def test_graph_records_once_and_replays_every_later_token_on_cuda(models, batch, monkeypatch):
+    """16 greedy tokens, no EOS (so no compaction): token 0 comes from the prefill, tokens 1-2 from
+    the warm-up steps, token 3 from the first replay of the recording, and 4-15 from replays: the
+    model's Python forward runs 1 + 2 + 1 (the recording) times, the graph replays 13 times, and
+    the tokens are the eager step's."""
+    from mrgr1 import fast_decode
+
+    _, model = models
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cuda_model, cuda_batch = on_cuda(model, batch, torch.float32)
+    replays, forwards = [], []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+    handle = cuda_model.lm_head.register_forward_hook(lambda mod, args, out: forwards.append(1))
+    try:
+        graph_tokens, graph_mask = ours(cuda_model, cuda_batch, 16, temperature=0, decode="graph")
+    finally:
+        handle.remove()
+    eager_tokens, eager_mask = ours(cuda_model, cuda_batch, 16, temperature=0, decode="eager")
+    assert len(forwards) == 1 + fast_decode.GRAPH_WARMUP_STEPS + 1
+    assert len(replays) == 16 - 1 - fast_decode.GRAPH_WARMUP_STEPS
+    assert torch.equal(graph_tokens, eager_tokens) and bool(graph_mask.all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a CUDA device")
+def test_graph_in_bf16_on_cuda_replays_the_static_step_bit_for_bit_log_probs_included(models, batch):
+    """bf16, sampled (temperature, top-k, top-p, suppressed ids), EOS ids that end rows at scattered
+    steps (so the batch is compacted and a second graph recorded), log-probs taken inside the graph:
+    the graph replays the static step's kernels, so tokens, mask and log-probs equal decode="static"
+    bit for bit; the log-probs are the model's own (model.token_logps of the finished sequences, in
+    bf16: within 0.1 nats, where a wrong or unrecorded one is off by about 1 or more)."""
+    _, model = models
+    cuda_model, cuda_batch = on_cuda(model, batch, torch.bfloat16)
+    kwargs = dict(num_samples=4, temperature=1.0, top_p=0.9, top_k=50, eos_token_ids=tuple(range(40, 60)),
+                  suppress_token_ids=VISION_IDS, return_logps=True)
+    out = {mode: ours(cuda_model, cuda_batch, 16, decode=mode, generator=torch.Generator(device="cuda").manual_seed(7),
+                      **kwargs) for mode in ("static", "graph")}
+    for got, expected in zip(out["graph"], out["static"]):
+        assert torch.equal(got, expected)
+    completions, mask, logps = out["graph"]
+    assert len(set(mask.sum(1).tolist())) > 1 and int(mask.sum(1).max()) > 3  # scattered ends, replays happened
+    rows = lambda x: x.repeat_interleave(4, dim=0)  # noqa: E731
+    pixels = torch.cat([cuda_batch["pixel_values"][a:b] for a, b in patch_spans(batch) for _ in range(4)])
+    with torch.no_grad():
+        expected = cuda_model.token_logps(torch.cat([rows(cuda_batch["input_ids"]), completions], 1),
+                                          torch.cat([rows(cuda_batch["attention_mask"]), mask], 1), pixels,
+                                          rows(cuda_batch["image_grid_thw"]), logits_to_keep=16, temperature=1.0)
+    torch.testing.assert_close(logps, (expected * mask).float(), atol=0.1, rtol=0)
+
+
 @pytest.mark.parametrize("decode", ["eager", "static"])
 def test_compacting_finished_rows_changes_no_greedy_token(models, batch, monkeypatch, decode):
     """Once at most half of the rows run, generate goes on with those rows only; the lm_head then sees
