@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mrgr1 import data, labels, lora, pipeline, synthetic, trainer  # noqa: E402
 from mrgr1.config import preset  # noqa: E402
+from mrgr1.prompts import PromptEncoder  # noqa: E402
+from mrgr1.run_config import RunConfig  # noqa: E402
 from mrgr1.processing import Processor, train_demo_tokenizer  # noqa: E402
 from mrgr1.vlm import Qwen2_5_VL  # noqa: E402
 
@@ -48,7 +50,7 @@ STAND_IN_VOCAB = 4096  # learned tokens of the stand-in BPE (ours): the fixed pr
 def stand_in_processor(studies, pixels: int) -> Processor:
     """A byte-level BPE (processing.train_demo_tokenizer) trained on the studies' reports and the
     prompt's fixed texts, repeated so that they merge into about one token per word, as Qwen's do."""
-    texts = [s.report for s in studies] + [trainer.SYSTEM_PROMPT, trainer.INSTRUCTION] * 50
+    texts = [s.report for s in studies] + [RunConfig.system_prompt, RunConfig.instruction] * 50
     tokenizer = train_demo_tokenizer(texts, vocab_size=STAND_IN_VOCAB).tokenizer
     return Processor(tokenizer, min_pixels=pixels, max_pixels=pixels)
 
@@ -127,8 +129,9 @@ def one_step(model, processor, studies, optimizer, scheduler, cfg, timer, genera
     trainer.rollout_logps = timed(originals[1], "ref logps")
     try:
         timer.start()
-        _, rollout = trainer.grpo_step(model, processor, studies, labels.RuleLabeler(), optimizer, scheduler,
-                                       cfg, generator, **pipeline.special_ids(processor))
+        encoder = PromptEncoder(processor, cfg.system_prompt, cfg.instruction)
+        _, rollout = trainer.grpo_step(model, processor, encoder, studies, labels.RuleLabeler(), optimizer,
+                                       scheduler, cfg, generator, **pipeline.special_ids(processor))
         timer.stop("update")
     finally:
         trainer.score_completions, trainer.rollout_logps = originals
@@ -164,8 +167,8 @@ def main():
     device, dtype = torch.device(args.device), pipeline.DTYPES[args.dtype]
 
     model, processor, studies, optimizer, scheduler = build(args, device, dtype)
-    cfg = trainer.GRPOConfig(num_generations=args.generations, max_new_tokens=args.max_new_tokens,
-                             beta=0.04, grad_accum=args.grad_accum)
+    cfg = RunConfig(num_generations=args.generations, max_new_tokens=args.max_new_tokens, beta=0.04,
+                    grad_accum=args.grad_accum)
     generator = torch.Generator(device=device).manual_seed(0)
     t = model.cfg.text
     n_params = sum(p.numel() for p in model.parameters())
