@@ -189,7 +189,7 @@ def check(cfg: RunConfig) -> None:
         if rule is not None and value is not None and not rule[0](value):
             problems.append(f"{flag(name)} {format_value(value)} ({rule[1]})")
         choices = f.metadata["choices"]
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:
             problems.append(f"{flag(name)} {value!r} (one of {', '.join(choices)})")
     if cfg.max_pixels < cfg.min_pixels:
         problems.append(f"--max-pixels {cfg.max_pixels} (at least --min-pixels, {cfg.min_pixels})")

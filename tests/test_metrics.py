@@ -39,14 +39,19 @@ def label_matrices():
 # ---------------------------------------------------------------- clinical efficacy
 
 
+def assert_counts(scores: dict, prefix: str, tp: int, fp: int, fn: int) -> None:
+    """precision tp / (tp + fp), recall tp / (tp + fn), F1 2 tp / (2 tp + fp + fn), counted by hand."""
+    assert scores[f"{prefix}/precision"] == pytest.approx(tp / (tp + fp))
+    assert scores[f"{prefix}/recall"] == pytest.approx(tp / (tp + fn))
+    assert scores[f"{prefix}/f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+
+
 def test_ce_micro_counts_positive_only_over_all_cells():
     pred, ref = label_matrices()
     s = ce_scores(pred, ref)
     # positives (code 1 only): ref {Card, Edema} {NF} {} ; pred {Card, Eff} {NF, LO} {}
     # tp = Card(r0) + NF(r1) = 2; fp = Eff(p0) + LO(p1) = 2; fn = Edema(r0) = 1
-    assert s["ce_micro/precision"] == pytest.approx(2 / 4)
-    assert s["ce_micro/recall"] == pytest.approx(2 / 3)
-    assert s["ce_micro/f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))  # 4/7
+    assert_counts(s, "ce_micro", tp=2, fp=2, fn=1)  # P 2/4, R 2/3, F1 4/7
 
 
 def test_ce_macro_counts_classes_without_positives_as_zero():
@@ -281,9 +286,7 @@ def test_thirteen_observation_conventions_leave_no_finding_out():
     s = ce_scores(pred, ref)
     # without No Finding: ref positives {Card, Edema} {} {}; pred {Card, Eff} {LO} {}
     # tp = Card = 1; fp = Eff + LO = 2; fn = Edema = 1
-    assert s["ce_micro_13/precision"] == pytest.approx(1 / 3)
-    assert s["ce_micro_13/recall"] == pytest.approx(1 / 2)
-    assert s["ce_micro_13/f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 1))  # 2/5
+    assert_counts(s, "ce_micro_13", tp=1, fp=2, fn=1)  # P 1/3, R 1/2, F1 2/5
     # macro over 13: only Cardiomegaly scores (P = R = F1 = 1); the other 12 score 0
     assert s["ce_macro_13/f1"] == pytest.approx(1 / 13)
     assert s["ce_macro_13/precision"] == pytest.approx(1 / 13)

@@ -15,6 +15,18 @@ from test_generate import IMAGE, VEND, VSTART, batch, models, ours, patch_spans 
 VISION_IDS = (VSTART, VEND, IMAGE, IMAGE + 1)  # never sampled (as pipeline.special_ids does)
 
 
+def completion_logps(model, batch, cpu_batch, completions, mask, G: int, temperature: float):
+    """model.token_logps of each sampled completion after its prompt (G rows per prompt) -> [N, C]:
+    what a sampler that returns log-probs must match. cpu_batch gives the patch spans."""
+    rows = lambda x: x.repeat_interleave(G, dim=0)  # noqa: E731
+    pixels = torch.cat([batch["pixel_values"][a:b] for a, b in patch_spans(cpu_batch) for _ in range(G)])
+    with torch.no_grad():
+        return model.token_logps(torch.cat([rows(batch["input_ids"]), completions], 1),
+                                 torch.cat([rows(batch["attention_mask"]), mask], 1), pixels,
+                                 rows(batch["image_grid_thw"]), logits_to_keep=completions.shape[1],
+                                 temperature=temperature)
+
+
 def eos_ids_hit_at_different_steps(model, batch, new_tokens):
     """Several EOS ids that end the greedy rows at different steps: each row's token at step 2 + row."""
     free, _ = ours(model, batch, new_tokens, temperature=0, decode="eager")
@@ -108,12 +120,7 @@ def test_logps_are_over_the_whole_vocabulary_when_tokens_are_suppressed(models, 
                                     suppress_token_ids=suppressed, generator=torch.Generator().manual_seed(2),
                                     decode=decode)
     assert not torch.isin(completions, torch.tensor(suppressed)).any()
-    rows = lambda x: x.repeat_interleave(2, dim=0)  # noqa: E731
-    pixels = torch.cat([batch["pixel_values"][a:b] for a, b in patch_spans(batch) for _ in range(2)])
-    with torch.no_grad():
-        expected = model.token_logps(torch.cat([rows(batch["input_ids"]), completions], 1),
-                                     torch.cat([rows(batch["attention_mask"]), mask], 1), pixels,
-                                     rows(batch["image_grid_thw"]), logits_to_keep=5, temperature=0.8)
+    expected = completion_logps(model, batch, batch, completions, mask, G=2, temperature=0.8)
     torch.testing.assert_close(logps, expected * mask, atol=1e-4, rtol=1e-4)
 
 
@@ -196,12 +203,7 @@ def test_graph_in_bf16_on_cuda_replays_the_static_step_bit_for_bit_log_probs_inc
         assert torch.equal(got, expected)
     completions, mask, logps = out["graph"]
     assert len(set(mask.sum(1).tolist())) > 1 and int(mask.sum(1).max()) > 3  # scattered ends, replays happened
-    rows = lambda x: x.repeat_interleave(4, dim=0)  # noqa: E731
-    pixels = torch.cat([cuda_batch["pixel_values"][a:b] for a, b in patch_spans(batch) for _ in range(4)])
-    with torch.no_grad():
-        expected = cuda_model.token_logps(torch.cat([rows(cuda_batch["input_ids"]), completions], 1),
-                                          torch.cat([rows(cuda_batch["attention_mask"]), mask], 1), pixels,
-                                          rows(cuda_batch["image_grid_thw"]), logits_to_keep=16, temperature=1.0)
+    expected = completion_logps(cuda_model, cuda_batch, batch, completions, mask, G=4, temperature=1.0)
     torch.testing.assert_close(logps, (expected * mask).float(), atol=0.1, rtol=0)
 
 

@@ -49,6 +49,21 @@ def metrics(out):
         return [json.loads(line) for line in f]
 
 
+def demo_policy(demo_root, tmp_path, split: str, n: int):
+    """The first n studies of a split and the untrained demo policy drawn for them -> (studies, model, processor)."""
+    from mrgr1 import pipeline
+
+    studies = data.load_split("demo", demo_root, split)[:n]
+    folder = pipeline.demo_policy_folder(str(tmp_path / "init"), [s.report for s in studies], WORDING)
+    return (studies, *pipeline.load_policy(folder))
+
+
+def sgd(model, lr: float):
+    """Plain SGD on the trainable parameters with a constant schedule: an update proportional to the gradient."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
 def test_two_grpo_steps_change_only_the_adapter_weights(demo_root, tmp_path, varied_rewards):
     from mrgr1 import labels, lora, pipeline, trainer
 
@@ -282,13 +297,10 @@ def test_the_rollout_records_the_labels_and_ccs_its_rewards_came_from(demo_root,
     completion's labels, its reference's labels and its CCS, and MCCS follows from that CCS."""
     from mrgr1 import labels, lora, pipeline, rewards, trainer
 
-    studies = data.load_split("demo", demo_root, "train")[:2]
-    model, processor = pipeline.load_policy(pipeline.demo_policy_folder(str(tmp_path / "init"),
-                                                                         [s.report for s in studies], WORDING))
+    studies, model, processor = demo_policy(demo_root, tmp_path, "train", 2)
     lora.apply_lora(model, rank=4, alpha=8, dropout=0.05)
     cfg = RunConfig(num_generations=2, max_new_tokens=6, beta=0.0)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    optimizer, scheduler = sgd(model, 0.0)
     labeler = labels.RuleLabeler()
     _, rollout = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies, labeler, optimizer, scheduler, cfg,
                                    torch.Generator().manual_seed(0), **pipeline.special_ids(processor))
@@ -303,13 +315,10 @@ def test_sampled_rewards_are_the_rewards_a_rollout_gives_the_same_draws(demo_roo
     the same way, as a rollout from the same generator state."""
     from mrgr1 import evaluation, labels, pipeline, trainer
 
-    studies = data.load_split("demo", demo_root, "test")[:2]
-    model, processor = pipeline.load_policy(pipeline.demo_policy_folder(str(tmp_path / "init"),
-                                                                         [s.report for s in studies], WORDING))
+    studies, model, processor = demo_policy(demo_root, tmp_path, "test", 2)
     cfg = RunConfig(num_generations=3, max_new_tokens=6, beta=0.0)
     special = pipeline.special_ids(processor)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    optimizer, scheduler = sgd(model, 0.0)
     _, rollout = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies, labels.RuleLabeler(), optimizer, scheduler,
                                    cfg, torch.Generator().manual_seed(5), **special)
     sampled = evaluation.sampled_rewards(model, processor, PromptEncoder(processor, *WORDING[:2]), studies,
@@ -362,13 +371,10 @@ def test_one_step_raises_the_completions_with_positive_advantage_and_lowers_the_
     mean token log-probability of the completions with A > 0 rises and of those with A < 0 falls."""
     from mrgr1 import labels, lora, pipeline, trainer
 
-    studies = data.load_split("demo", demo_root, "train")[:2]
-    model, processor = pipeline.load_policy(pipeline.demo_policy_folder(str(tmp_path / "init"),
-                                                                         [s.report for s in studies], WORDING))
+    studies, model, processor = demo_policy(demo_root, tmp_path, "train", 2)
     lora.apply_lora(model, rank=4, alpha=8, dropout=0.0)
     cfg = RunConfig(num_generations=4, max_new_tokens=8, beta=0.0)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    optimizer, scheduler = sgd(model, 0.05)
     _, rollout = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies,
                                    labels.RuleLabeler(), optimizer, scheduler, cfg, torch.Generator().manual_seed(0),
                                    **pipeline.special_ids(processor))
