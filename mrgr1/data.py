@@ -77,8 +77,8 @@ def _read_annotation(path: str) -> dict:
     ann = read_json(path, "re-download or re-generate it (R2Gen's annotation.json is UTF-8 JSON)",
                     error=DataError, expect=None)
     if not isinstance(ann, dict) or not any(s in ann for s in SPLITS):
-        raise DataError(f"{path} must be a JSON object with 'train'/'val'/'test' lists of studies\n"
-                        f"{WHERE_TO_GET_DATA}")
+        raise DataError(f"{path} must be a JSON object with 'train'/'val'/'test' lists of studies, as in "
+                        f"R2Gen's release (docs/real-data.md); re-download or re-generate it")
     return ann
 
 
