@@ -148,6 +148,15 @@ def test_an_annotation_file_not_in_utf8_is_one_line_in_evaluate(data, policy, tm
     assert snapshot(data, policy) == before
 
 
+def test_a_damaged_demo_settings_file_is_one_line(data, tmp_path, capsys):
+    path = os.path.join(data, "demo.json")
+    truncate(path)
+    before = snapshot(data)
+    message = train_error(capsys, train_args(data, tmp_path / "run"))
+    assert path in message and "is not valid JSON" in message and f"rm -r {data}" in message
+    assert snapshot(data) == before
+
+
 def test_duplicate_study_ids_are_refused_naming_them(data, tmp_path, capsys):
     path = os.path.join(data, "annotation.json")
     with open(path, encoding="utf-8") as f:
