@@ -18,10 +18,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
-
 
 class FileError(ValueError):
     """A file the user gave that exists but cannot be read as what it should be; the message names
@@ -66,8 +62,11 @@ def read_json(path: str, advice: str, *, error: type[Exception] = FileError, exp
 
 
 def read_safetensors(path: str, advice: str, *, error: type[Exception] = FileError,
-                     device: str = "cpu") -> dict[str, torch.Tensor]:
+                     device: str = "cpu") -> dict:
     """Every tensor of a safetensors file; a missing, truncated or foreign file raises `error`."""
+    from safetensors import SafetensorError  # here: `python -m mrgr1.weights` runs without torch
+    from safetensors.torch import load_file
+
     if not os.path.isfile(path):
         raise error(f"{path} not found; {advice}")
     try:
@@ -80,6 +79,8 @@ def read_safetensors(path: str, advice: str, *, error: type[Exception] = FileErr
 def safetensors_shapes(path: str, advice: str, *, error: type[Exception] = FileError) -> dict[str, tuple]:
     """{name: shape} from a safetensors file's header, without reading the tensors; the file's
     size is checked against the header so that a file cut short is caught here too."""
+    from safetensors import SafetensorError, safe_open
+
     if not os.path.isfile(path):
         raise error(f"{path} not found; {advice}")
     try:

@@ -412,3 +412,18 @@ def test_damaged_chexbert_weights_are_one_line(how, said, chexbert_dir, capsys):
     message = eval_error(capsys, _chexbert_args(chexbert_dir, weights))
     assert weights in message and said in message
     assert snapshot(weights) == before
+
+
+# ----------------------------------------------------------------------------- the weights tool
+
+def test_a_damaged_lock_file_is_one_line_in_the_weights_tool(tmp_path, capsys):
+    from mrgr1 import weights
+
+    lock = tmp_path / "bert-base-uncased-vocab" / weights.LOCK_NAME
+    lock.parent.mkdir()
+    lock.write_bytes(b'{"files": {"vocab.txt": {"size": 23')  # cut short while being written
+    assert weights.main(["verify", "bert-base-uncased-vocab", "--dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(lock) in err and "is not valid JSON" in err and "mrgr1.weights verify" in err
+    assert lock.read_bytes() == b'{"files": {"vocab.txt": {"size": 23'
