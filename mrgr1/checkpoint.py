@@ -28,12 +28,14 @@ Example:
 """
 import json
 import os
+import re
 import shutil
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import lora
+from .files import read_json, read_safetensors, read_text
 
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.json"
@@ -129,35 +131,90 @@ def find_latest(output_dir: str) -> str | None:
     pointer = os.path.join(output_dir, LATEST_FILE)
     if not os.path.exists(pointer):
         return None
-    with open(pointer, encoding="utf-8") as f:
-        folder = os.path.join(output_dir, f.read().strip())
-    if not os.path.isdir(folder):
+    name = read_text(pointer, "write the name of a checkpoint-* folder of the run into it",
+                     error=CheckpointError).strip()
+    folder = os.path.join(output_dir, name)
+    if not name or not os.path.isdir(folder):
         raise CheckpointError(f"{pointer} names {folder}, which does not exist: the run folder was "
                               f"edited by hand; point it at an existing checkpoint-* folder")
     return folder
 
 
+def checkpoint_problem(folder: str) -> str | None:
+    """What is wrong with the files of a checkpoint, in one line naming the file; None when every
+    file `--resume` reads is there and readable (the weights and the trainer state are read whole:
+    a file cut short by a full disk or a copy is found here, before any work)."""
+    state_path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(state_path):
+        return f"{folder} is not a complete mrgr1 checkpoint ({STATE_FILE} is missing)"
+    try:
+        torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupted, or holding objects that weights_only refuses
+        return f"cannot read {state_path} ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    try:
+        read_json(os.path.join(folder, CONFIG_FILE), "", error=CheckpointError)
+        if os.path.isfile(os.path.join(folder, lora.CONFIG_FILE)):
+            read_json(os.path.join(folder, lora.CONFIG_FILE), "", error=CheckpointError)
+            read_safetensors(os.path.join(folder, lora.WEIGHTS_FILE), "", error=CheckpointError)
+        elif os.path.isfile(os.path.join(folder, MODEL_FILE)):
+            read_safetensors(os.path.join(folder, MODEL_FILE), "", error=CheckpointError)
+        else:
+            return f"{folder} holds no weights (neither {lora.CONFIG_FILE} nor {MODEL_FILE})"
+    except CheckpointError as e:
+        return str(e).removesuffix("; ")
+    return None
+
+
+def intact_before(folder: str) -> str | None:
+    """The newest checkpoint of the same run older than `folder` whose files are all readable."""
+    output_dir, name = os.path.split(os.path.abspath(folder))
+    steps = [n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)
+             and os.path.isdir(os.path.join(output_dir, n))]
+    older = sorted((n for n in steps if int(n.split("-")[1]) < int(name.split("-")[1])), reverse=True) \
+        if re.fullmatch(r"checkpoint-\d+", name) else []
+    return next((os.path.join(output_dir, n) for n in older
+                 if checkpoint_problem(os.path.join(output_dir, n)) is None), None)
+
+
+def _ways_out(folder: str) -> str:
+    output_dir = os.path.dirname(os.path.abspath(folder))
+    earlier = intact_before(folder)
+    if earlier is None:
+        return ("no earlier checkpoint of this run is intact: start again with --overwrite, or in "
+                "another --output-dir")
+    name = os.path.basename(earlier)
+    return (f"{earlier} is intact: resume from it by writing its name into {os.path.join(output_dir, LATEST_FILE)} "
+            f"(echo {name} > {os.path.join(output_dir, LATEST_FILE)}), then --resume again")
+
+
+def check_files(folder: str) -> None:
+    """Refuse to resume from a checkpoint with a missing or damaged file: CheckpointError naming
+    the file and the newest earlier checkpoint that is intact."""
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise CheckpointError(f"{problem}; {_ways_out(folder)}")
+
+
 def load_checkpoint(folder: str, model, optimizer=None, scheduler=None) -> dict:
     """Restore weights (and optimizer / scheduler when given) from `folder`; return its trainer state."""
-    state_path = os.path.join(folder, STATE_FILE)
-    if not os.path.exists(state_path):
-        raise CheckpointError(f"{folder} is not a complete mrgr1 checkpoint ({STATE_FILE} is "
-                              f"missing); resume from the folder named in the run's `latest` file")
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupted, or holding objects that weights_only refuses
-        raise CheckpointError(f"cannot read {state_path}: {e}") from e
+    check_files(folder)
+    state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
     if lora.lora_layers(model):
         if not os.path.exists(os.path.join(folder, lora.CONFIG_FILE)):
             raise CheckpointError(f"{folder} holds no LoRA adapter but the model has LoRA layers: "
                                   f"resume with the same --lora-rank as the run that wrote it")
-        lora.load_adapter(model, folder)
+        try:
+            lora.load_adapter(model, folder)
+        except (ValueError, OSError) as e:  # the adapter does not fit the model (rank, modules)
+            raise CheckpointError(f"{folder}: {e}; resume with the LoRA flags of the run that wrote it") from None
     else:
         path = os.path.join(folder, MODEL_FILE)
         if not os.path.exists(path):
             raise CheckpointError(f"{folder} holds a LoRA adapter, not {MODEL_FILE}: resume with "
                                   f"LoRA enabled, as in the run that wrote it")
-        missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+        tensors = read_safetensors(path, "resume from an intact checkpoint", error=CheckpointError)
+        _check_shapes(model, tensors, path)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}")
@@ -166,6 +223,15 @@ def load_checkpoint(folder: str, model, optimizer=None, scheduler=None) -> dict:
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def _check_shapes(model, tensors: dict, path: str) -> None:
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the model's: {tuple(own[k].shape)})" for k, v in tensors.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise CheckpointError(f"{path}: {len(wrong)} tensor(s) do not fit the model: {'; '.join(wrong[:3])}; "
+                              f"resume with the model flags of the run that wrote it")
 
 
 # ----------------------------------------------------------------------------- resume checks
@@ -194,14 +260,11 @@ def config_differences(stored: dict, current: dict) -> list[str]:
 
 
 def check_config(folder: str, current: dict) -> list[str]:
-    """Refuse to resume `folder` with flags that change the run; the error lists each difference.
+    """Refuse to resume `folder` when a file of it is damaged (`check_files`) or with flags that
+    change the run; the error lists each difference.
     Returns a note for each LENGTH_KEYS flag that differs (allowed: the run gets longer or shorter)."""
-    path = os.path.join(folder, CONFIG_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path} ({e}); resume from a complete checkpoint") from e
+    check_files(folder)
+    stored = read_json(os.path.join(folder, CONFIG_FILE), "resume from an intact checkpoint", error=CheckpointError)
     differences = config_differences(stored, current)
     if differences:
         raise CheckpointError(f"--resume: {folder} was trained with other settings ({'; '.join(differences)}); "
@@ -218,8 +281,8 @@ def drop_metrics_after(path: str, step: int) -> int:
     many rows were dropped. The file is rewritten atomically."""
     if not os.path.exists(path):
         return 0
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = read_text(path, "it is the run's log, written by train_grpo.py: move it aside to start a new log",
+                      error=CheckpointError).splitlines()
     kept = []
     for line in lines:
         try:

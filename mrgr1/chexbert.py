@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers.implementations import BertWordPieceTokenizer
 from torch import nn
 
+from mrgr1.files import read_text
 from mrgr1.labels import CONDITIONS, NO_FINDING
 
 
@@ -219,6 +220,13 @@ def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], source: str) ->
                          f"  missing keys ({len(missing)}): {missing[:20]}\n"
                          f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}\n"
                          "Is it a CheXbert / BERT checkpoint, and is the config (layers, heads) right?")
+    own = module.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[_to_ours(k)].shape)})" for k, v in sd.items()
+             if tuple(v.shape) != tuple(own[_to_ours(k)].shape)]
+    if wrong:
+        raise CheXbertFileError(f"{source}: {len(wrong)} tensor(s) of the checkpoint have other shapes than the "
+                                f"model it describes: {'; '.join(wrong[:3])}. The file is damaged or not CheXbert: "
+                                f"download it again")
     module.load_state_dict({_to_ours(k): v for k, v in sd.items()}, strict=True)
 
 
@@ -293,8 +301,13 @@ def wordpiece_tokenizer(vocab_path: str, max_tokens: int = MAX_TOKENS) -> BertWo
     """
     if not os.path.isfile(vocab_path):
         raise FileNotFoundError(f"WordPiece vocabulary not found: {vocab_path} (bert-base-uncased vocab.txt)")
-    tok = BertWordPieceTokenizer(vocab_path, lowercase=True, strip_accents=None,
-                                 clean_text=True, handle_chinese_chars=True)
+    read_text(vocab_path, "download bert-base-uncased-vocab again", error=CheXbertFileError)  # UTF-8 text
+    try:
+        tok = BertWordPieceTokenizer(vocab_path, lowercase=True, strip_accents=None,
+                                     clean_text=True, handle_chinese_chars=True)
+    except Exception as e:  # tokenizers raises a bare Exception for a vocabulary it cannot use
+        raise CheXbertFileError(f"{vocab_path} is not a WordPiece vocabulary ({' '.join(str(e).split())[:200]}); "
+                                f"download bert-base-uncased-vocab again") from None
     tok.enable_truncation(max_tokens)
     return tok
 
@@ -339,12 +352,20 @@ class CheXbert(nn.Module):
         """
         sd, metadata = read_checkpoint(weights_path)
         if CONFIG_METADATA_KEY in metadata and num_heads is None:
-            cfg = BertConfig(**json.loads(metadata[CONFIG_METADATA_KEY]))
+            try:
+                cfg = BertConfig(**json.loads(metadata[CONFIG_METADATA_KEY]))
+            except (ValueError, TypeError) as e:  # not JSON, or other fields than BertConfig's
+                raise CheXbertFileError(f"{weights_path}: its stored config is damaged ({e}); re-create it with "
+                                        f"convert_to_safetensors") from None
         else:
             if "bert.embeddings.word_embeddings.weight" not in sd:
                 raise CheXbertFileError(f"{weights_path}: no 'bert.embeddings.word_embeddings.weight'; keys start with "
                                  f"{sorted(sd)[:5]}. Is this a CheXbert checkpoint?")
-            cfg = BertConfig.from_state_dict(_encoder_part(sd), num_heads)
+            try:
+                cfg = BertConfig.from_state_dict(_encoder_part(sd), num_heads)
+            except (KeyError, ValueError, IndexError) as e:
+                raise CheXbertFileError(f"{weights_path}: not a complete BERT encoder (no {e}); download it "
+                                        f"again") from None
         model = cls(cfg, wordpiece_tokenizer(vocab_path, min(MAX_TOKENS, cfg.max_positions)))
         load_checked(model, sd, weights_path)
         return model.to(device or "cpu").eval()

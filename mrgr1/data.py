@@ -17,7 +17,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageOps
+
+from .files import read_json
 
 DATASETS = ("iu_xray", "mimic_cxr", "demo")
 SPLITS = ("train", "val", "test")
@@ -75,15 +76,11 @@ def normalize_report(text: str) -> str:
 def _read_annotation(path: str) -> dict:
     if not os.path.isfile(path):
         raise DataError(f"annotation file not found: {path}\n{WHERE_TO_GET_DATA}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            ann = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                        "re-download or re-generate it") from e
+    ann = read_json(path, "re-download or re-generate it (R2Gen's annotation.json is UTF-8 JSON)",
+                    error=DataError, expect=None)
     if not isinstance(ann, dict) or not any(s in ann for s in SPLITS):
-        raise DataError(f"{path} must be a JSON object with 'train'/'val'/'test' lists of studies\n"
-                        f"{WHERE_TO_GET_DATA}")
+        raise DataError(f"{path} must be a JSON object with 'train'/'val'/'test' lists of studies, as in "
+                        f"R2Gen's release (docs/real-data.md); re-download or re-generate it")
     return ann
 
 
@@ -146,14 +143,33 @@ def load_split(dataset: str, root: str | None, split: str, *, all_images: bool =
         raise DataError(f"{ann_path} has no '{split}' list of studies")
     studies = [_entry_to_study(e, ann_path, images_dir, split, i, all_images)
                for i, e in enumerate(entries)]
+    _check_unique_ids(studies, ann_path, split)
     return _check_images(studies, ann_path, skip_missing_images)
 
 
+def _check_unique_ids(studies: list[Study], ann_path: str, split: str) -> None:
+    """An id names one study: rewards, prompts and predictions are found again by it, so two
+    studies sharing one would be scored against each other's reports."""
+    entries: dict[str, list[int]] = {}
+    for i, s in enumerate(studies):
+        entries.setdefault(s.id, []).append(i)
+    repeated = [(sid, where) for sid, where in entries.items() if len(where) > 1]
+    if repeated:
+        named = "; ".join(f"{sid!r} (entries {', '.join(map(str, where))})" for sid, where in repeated[:5])
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        raise DataError(f"{ann_path}: the '{split}' split uses {len(repeated)} study id(s) more than once: "
+                        f"{named}{more}; give every study its own id")
+
+
 def _check_images(studies: list[Study], ann_path: str, skip_missing: bool) -> list[Study]:
+    """Every image of every study exists and has a readable header of a size the processor takes
+    (nothing is decoded: that is a header read per image, before any work)."""
     kept, skipped = [], []
     for s in studies:
         missing = [p for p in s.image_paths if not os.path.isfile(p)]
         if not missing:
+            for path in s.image_paths:
+                open_image(path, s.id).close()
             kept.append(s)
         elif skip_missing:
             skipped.append(s.id)
@@ -168,23 +184,53 @@ def _check_images(studies: list[Study], ann_path: str, skip_missing: bool) -> li
 
 
 MAX_ASPECT_RATIO = 200  # the longest side over the shortest that Qwen2-VL's smart resize accepts
+# What PIL raises for a missing, truncated, foreign or damaged image file (a broken stream is an
+# OSError; a damaged PNG chunk a SyntaxError; a few decoders raise ValueError or EOFError)
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def open_image(path: str, study_id: str) -> Image.Image:
+    """The image file opened lazily (PIL reads its header, no pixels), checked before anything
+    decodes it: a size above PIL's Image.MAX_IMAGE_PIXELS (a decompression bomb: a small file that
+    would decode to gigabytes) and an aspect ratio the processor cannot resize are refused by name.
+    The one place an image file is opened; the caller closes it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL warns at 1x its limit
+            image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {path} of study {study_id} would decode to more pixels than PIL allows "
+                        f"({e}); it was not decoded: downscale it or leave the study out") from None
+    except _UNREADABLE as e:
+        raise DataError(f"cannot read image {path} of study {study_id}: {e}; replace the file or "
+                        f"leave the study out") from None
+    w, h = image.size
+    limit = Image.MAX_IMAGE_PIXELS
+    problem = None
+    if limit is not None and w * h > limit:
+        problem = (f"is {w}x{h} px ({w * h:,} pixels), more than PIL's limit of {limit:,} (a decompression "
+                   f"bomb guard); it was not decoded: downscale it or leave the study out")
+    elif max(w, h) > MAX_ASPECT_RATIO * min(w, h):  # Qwen2-VL's resize refuses these
+        problem = (f"is {w}x{h} px: an aspect ratio above {MAX_ASPECT_RATIO} is not supported; crop it "
+                   f"or leave the study out")
+    if problem:
+        image.close()
+        raise DataError(f"image {path} of study {study_id} {problem}")
+    return image
 
 
 def load_images(study: Study) -> list[Image.Image]:
     """The study's images as PIL images, turned upright by their EXIF orientation (as transformers'
     load_image) and in their own mode: the processor converts them to RGB as transformers does
-    (transparency on white; processing.to_rgb)."""
+    (transparency on white; processing.to_rgb). A file cut short is found here, where it is decoded."""
     images = []
     for path in study.image_paths:
-        try:
-            with Image.open(path) as im:
+        with open_image(path, study.id) as im:
+            try:
                 images.append(ImageOps.exif_transpose(im))  # a loaded copy, valid after the file closes
-        except (OSError, SyntaxError) as e:  # PIL raises these for missing, truncated or non-image files
-            raise DataError(f"cannot read image {path} of study {study.id}: {e}") from e
-        w, h = images[-1].size
-        if max(w, h) > MAX_ASPECT_RATIO * min(w, h):  # Qwen2-VL's resize refuses these
-            raise DataError(f"image {path} of study {study.id} is {w}x{h} px: an aspect ratio above "
-                            f"{MAX_ASPECT_RATIO} is not supported; crop it or leave the study out")
+            except _UNREADABLE as e:
+                raise DataError(f"cannot read image {path} of study {study.id}: {e}; the file is "
+                                f"damaged or cut short: replace it or leave the study out") from None
     return images
 
 

@@ -33,7 +33,9 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .files import read_json, read_safetensors
 
 # The decoder's attention and MLP projections (leaf names shared by Qwen2 and Qwen2.5-VL).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -295,8 +297,7 @@ def read_adapter_config(folder: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_FILE} in '{folder}': expected a PEFT LoRA adapter folder "
                                 f"({CONFIG_FILE} + {WEIGHTS_FILE}), as written by save_adapter or peft")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(path, "save the adapter again, or give a PEFT LoRA folder")  # FileError (a ValueError)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters are supported")
     unsupported = {"use_dora": False, "use_rslora": False, "lora_bias": False, "bias": "none",
@@ -321,7 +322,7 @@ def _read_adapter_weights(folder: str, model: nn.Module) -> dict[str, tuple[torc
     path = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in '{folder}' (adapters saved as .bin are not supported)")
-    tensors = load_file(path)
+    tensors = read_safetensors(path, "save the adapter again, or give a PEFT LoRA folder")  # FileError: truncated
     key = re.compile(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():

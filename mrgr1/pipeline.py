@@ -18,22 +18,22 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-from . import checkpoint, data, labels, synthetic, weights
+from . import checkpoint, data, files, labels, synthetic, weights
 from .processing import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, QWEN25_VL_CHAT_TEMPLATE, Processor,
                          train_demo_tokenizer)
 from .run_config import DEMO_PIXELS
+from . import vlm
 from .vlm import Qwen2_5_VL
 from .config import preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Errors caused by the data, weights or checkpoints a user supplied: both CLIs print them as one
 # `error: ...` line (their messages say what to do); anything else keeps its traceback.
-USER_ERRORS = (data.DataError, weights.WeightsError, checkpoint.CheckpointError)
+USER_ERRORS = (data.DataError, weights.WeightsError, checkpoint.CheckpointError, files.FileError)
 
 
 def load_studies(dataset: str, root: str | None, split: str, **kwargs) -> list[data.Study]:
@@ -122,16 +122,15 @@ def folder_notes(folder: str) -> list[str]:
     for name in ("chat_template.json", "chat_template.jinja"):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-            template = json.loads(text).get("chat_template") if name.endswith(".json") else text
+            text = files.read_text(path, vlm.MODEL_FOLDER_ADVICE, error=files.ModelFolderError)
+            template = files.read_json(path, vlm.MODEL_FOLDER_ADVICE, error=files.ModelFolderError).get(
+                "chat_template") if name.endswith(".json") else text
             if (template or "").strip() != QWEN25_VL_CHAT_TEMPLATE:
                 notes.append(f"note: {path} holds another chat template than Qwen2.5-VL's; mrgr1 writes "
                              f"prompts with the built-in Qwen2.5-VL template (processing.chat_prompt), not this file")
     path = os.path.join(folder, "generation_config.json")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            gen = json.load(f)
+        gen = files.read_json(path, vlm.MODEL_FOLDER_ADVICE, error=files.ModelFolderError)
         unsupported = [f"{k}={gen[k]}" for k, neutral in NEUTRAL_GENERATION.items()
                        if gen.get(k) not in (neutral, None, [], {})]
         ignored = [f"{k}={gen[k]}" for k in SAMPLING_KEYS if k in gen]

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .files import ModelFolderError, read_json, read_text
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -157,6 +159,7 @@ def message_images(messages: list[dict]) -> list:
 
 # ---------------------------------------------------------------- preprocessor file
 
+FOLDER_ADVICE = "download the model again, or point --policy at a complete Hugging Face model folder"
 # transformers' Qwen2-VL image processor defaults, for a preprocessor file that names no pixel range
 HF_DEFAULT_MIN_PIXELS = 56 * 56
 HF_DEFAULT_MAX_PIXELS = 28 * 28 * 1280
@@ -169,13 +172,12 @@ def read_preprocessor_config(file: str) -> dict:
 
     Real Qwen2.5-VL file: min_pixels 3136, max_pixels 12845056 (up to 16,384 tokens per image);
     `load_policy` replaces that range by the run's own (see mrgr1/pipeline.py)."""
-    with open(file, encoding="utf-8") as f:
-        p = json.load(f)
+    p = read_json(file, FOLDER_ADVICE, error=ModelFolderError)
     size = dict(p["size"]) if isinstance(p.get("size"), dict) else {}
     lo = p.get("min_pixels", size.get("shortest_edge", HF_DEFAULT_MIN_PIXELS if not size else None))
     hi = p.get("max_pixels", size.get("longest_edge", HF_DEFAULT_MAX_PIXELS if not size else None))
     if lo is None or hi is None:
-        raise ValueError(f"{file}: 'size' must hold both 'shortest_edge' and 'longest_edge' (pixels), "
+        raise ModelFolderError(f"{file}: 'size' must hold both 'shortest_edge' and 'longest_edge' (pixels), "
                          f"or give 'min_pixels' and 'max_pixels'; found size={p['size']}")
     kwargs = {"min_pixels": lo, "max_pixels": hi}
     for key in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std"):
@@ -222,7 +224,16 @@ class Processor:
         pre = os.path.join(path, "preprocessor_config.json")
         kwargs = read_preprocessor_config(pre) if os.path.isfile(pre) else {}
         kwargs.update(overrides)
-        return cls(Tokenizer.from_file(file), **kwargs)
+        text = read_text(file, FOLDER_ADVICE, error=ModelFolderError)
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises a bare Exception for JSON it cannot use
+            raise ModelFolderError(f"{file} is not a tokenizers file ({' '.join(str(e).split())[:200]}); "
+                                   f"{FOLDER_ADVICE}") from None
+        try:
+            return cls(tokenizer, **kwargs)
+        except ValueError as e:  # a tokenizer without Qwen2.5-VL's special tokens
+            raise ModelFolderError(f"{file}: {e}") from None
 
     def save_pretrained(self, path: str) -> None:
         """Write tokenizer.json and preprocessor_config.json (transformers-readable)."""

@@ -14,7 +14,7 @@ The paper does not publish the margin m: the run configuration's default (0.5) i
 
 Example:
     >>> labeler = CheXbert.from_pretrained(weights, vocab)  # or any object with .label(list[str])
-    >>> cache = {}                # reference labels by study id, kept across steps
+    >>> cache = {}                # reference labels by report text, kept across steps
     >>> total, parts = compute_rewards(completions, study_ids, ref_reports, labeler, weights={"mccs": 0.75,
     ...     "format": 0.25}, margin=0.5, mapping=(0, 1, -1, 1), cache=cache)
     >>> total.shape, sorted(parts)   # (torch.Size([N]), ['format', 'mccs'])
@@ -215,19 +215,19 @@ def _label(labeler, reports: list[str]) -> torch.Tensor:
 
 
 def reference_labels(study_ids: list, ref_reports: list[str], labeler, cache: dict) -> torch.Tensor:
-    """CheXbert codes [N, 14] of the reference reports; each study is labelled once, ever.
+    """CheXbert codes [N, 14] of the reference reports; each distinct report is labelled once, ever.
 
-    `cache` maps study id -> LongTensor [14]; missing studies are labelled in one batch and added.
-    With G rollouts per study the same id repeats G times in a batch: still one labelling.
+    `cache` maps a reference report's text -> LongTensor [14]: the labels are a function of the
+    text alone, so the key can never name two different things (a study id can: two studies that
+    share one must not share labels). Reports not in it are labelled in one batch and added.
+    With G rollouts per study the same report repeats G times in a batch: still one labelling.
+    study_ids: kept for the callers' symmetry with ref_reports; not used as a key.
     """
-    todo = {}
-    for sid, report in zip(study_ids, ref_reports):
-        if sid not in cache:
-            todo[sid] = report
+    todo = list(dict.fromkeys(r for r in ref_reports if r not in cache))  # distinct, in order
     if todo:
-        for sid, row in zip(todo, _label(labeler, list(todo.values()))):
-            cache[sid] = row
-    return torch.stack([cache[sid] for sid in study_ids])  # [N, 14]
+        for report, row in zip(todo, _label(labeler, todo)):
+            cache[report] = row
+    return torch.stack([cache[r] for r in ref_reports])  # [N, 14]
 
 
 def clinical_reward(reports: list[str], study_ids: list, ref_reports: list[str], labeler, *,

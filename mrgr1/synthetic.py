@@ -64,6 +64,7 @@ from PIL import Image
 
 from mrgr1 import synthetic_draw as draw
 from mrgr1.data import DataError
+from mrgr1.files import read_json
 from mrgr1.labels import BLANK, CONDITIONS, NEGATIVE, NO_FINDING, POSITIVE, UNCERTAIN, no_finding
 
 EC, CARD, OPAC, LESION, EDEMA, CONS, PNA, ATEL, PTX, EFF, PLO, FX, DEV = CONDITIONS[:NO_FINDING]
@@ -337,8 +338,7 @@ def ensure_demo(root: str = "data/demo", **kwargs) -> str:
     path = os.path.join(root, "demo.json")
     settings = {"version": 1}  # sets drawn before demo.json existed
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            settings = json.load(f)
+        settings = read_json(path, f"remove the set (rm -r {root}) to draw it again", error=DataError)
     differ = {k: (settings.get(k), v) for k, v in dict(kwargs, version=VERSION).items() if settings.get(k) != v}
     if differ:
         said = ", ".join(f"{k}: {have} here, {want} asked" for k, (have, want) in sorted(differ.items()))

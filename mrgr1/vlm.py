@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mrgr1.config import ModelConfig
+from mrgr1.files import ModelFolderError, read_json, read_safetensors
 from mrgr1.language import KVCache, TextModel
 from mrgr1.vision import VisionTransformer
 
@@ -76,7 +77,7 @@ class Qwen2_5_VL(nn.Module):
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "Qwen2_5_VL":
         """Load a Hugging Face folder (config.json + model.safetensors or sharded with
         model.safetensors.index.json). dtype None keeps the checkpoint's dtype."""
-        cfg = ModelConfig.from_hf_dict(read_config(path))
+        cfg = model_config(path)
         with torch.device("meta"):  # no memory for the random init that the checkpoint replaces
             model = cls(cfg)
         state = load_state(path, device=device or "cpu", dtype=dtype)
@@ -273,22 +274,37 @@ _OLD_LAYOUT = [  # hub layout (transformers 4.x) -> transformers-5 layout = our 
 ]
 
 
+MODEL_FOLDER_ADVICE = "download the model again, or point --policy at a complete Hugging Face model folder"
+
+
 def read_config(path: str) -> dict:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} not found: from_pretrained needs a Hugging Face model folder "
                                 "(config.json + model.safetensors or model.safetensors.index.json)")
-    with open(file) as f:
-        return json.load(f)
+    return read_json(file, MODEL_FOLDER_ADVICE, error=ModelFolderError)
+
+
+def model_config(path: str) -> ModelConfig:
+    """The architecture a folder's config.json describes; a field missing or of the wrong type is
+    named with the file."""
+    try:
+        return ModelConfig.from_hf_dict(read_config(path))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ModelFolderError):
+            raise
+        what = f"has no {e}" if isinstance(e, KeyError) else f"does not describe a Qwen2.5-VL model ({e})"
+        raise ModelFolderError(f"{os.path.join(path, 'config.json')} {what}; {MODEL_FOLDER_ADVICE}") from None
 
 
 def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of a folder: model.safetensors, or the shards named by the index."""
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, s) for s in shards]
+        weight_map = read_json(index, MODEL_FOLDER_ADVICE, error=ModelFolderError).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFolderError(f"{index} has no weight_map; {MODEL_FOLDER_ADVICE}")
+        return [os.path.join(path, s) for s in sorted(set(map(str, weight_map.values())))]
     if os.path.isfile(single):
         return [single]
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
@@ -304,23 +320,29 @@ def rename_key(key: str) -> str:
 
 def load_state(path: str, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint, renamed to our names, optionally cast to dtype."""
-    from safetensors.torch import load_file
-
     state = {}
     for file in checkpoint_files(path):
-        for key, tensor in load_file(file, device=str(device)).items():
+        for key, tensor in read_safetensors(file, MODEL_FOLDER_ADVICE, error=ModelFolderError,
+                                            device=str(device)).items():
             state[rename_key(key)] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return state
 
 
 def check_keys(model: nn.Module, state: dict, path: str) -> None:
-    """Raise listing missing/unexpected keys; a tied model takes lm_head from embed_tokens."""
-    expected = set(model.state_dict())
+    """Raise listing missing/unexpected keys and tensors of the wrong shape; a tied model takes
+    lm_head from embed_tokens."""
+    expected = dict(model.state_dict())
     if model.cfg.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+        expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)  # some tied checkpoints store a copy; the tie wins
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the Qwen2.5-VL architecture of its config.json:\n"
-                         f"  missing ({len(missing)}): {missing[:20]}\n  unexpected ({len(unexpected)}): "
-                         f"{unexpected[:20]}\nIs this a Qwen2.5-VL checkpoint? (untied lm_head needs lm_head.weight)")
+        raise ModelFolderError(f"checkpoint {path} does not match the Qwen2.5-VL architecture of its config.json: "
+                               f"missing ({len(missing)}): {missing[:20]}; unexpected ({len(unexpected)}): "
+                               f"{unexpected[:20]}. Is this a Qwen2.5-VL checkpoint? (untied lm_head needs lm_head.weight)")
+    wrong = [f"{k} {tuple(state[k].shape)}, config.json gives {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ModelFolderError(f"checkpoint {path}: {len(wrong)} tensor(s) have other shapes than its config.json "
+                               f"gives ({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}): the weights "
+                               f"and config.json come from different models; {MODEL_FOLDER_ADVICE}")

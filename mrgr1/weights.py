@@ -30,6 +30,7 @@ import shutil
 import sys
 
 from .download import DownloadError, download_file, sha256_file
+from .files import read_json
 
 MANIFEST_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights_manifest.json")
 LOCK_NAME = "mrgr1.lock.json"
@@ -50,8 +51,8 @@ def load_manifest(path=None):
         where = path or MANIFEST_PATH
         if not os.path.isfile(where):
             raise WeightsError(f"weights manifest not found: {where} (pass --manifest PATH)")
-        with open(where, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(where, "restore it from the repository (git checkout weights_manifest.json)",
+                         error=WeightsError)
     entries = {}
     for entry in data["artefacts"]:
         name = entry["name"]
@@ -97,8 +98,11 @@ def read_lock(folder):
     path = os.path.join(folder, LOCK_NAME)
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["files"]
+    files = read_json(path, "delete it and run `python -m mrgr1.weights verify` to hash the files again",
+                      error=WeightsError).get("files")
+    if not isinstance(files, dict):
+        raise WeightsError(f"{path} has no 'files' record; delete it and run `python -m mrgr1.weights verify`")
+    return files
 
 
 def write_lock(folder, name, files):
@@ -110,8 +114,7 @@ def write_lock(folder, name, files):
 
 def shard_names(index_path):
     """Shard files named by a safetensors index (its weight_map values), sorted, each checked."""
-    with open(index_path, encoding="utf-8") as f:
-        weight_map = json.load(f).get("weight_map")
+    weight_map = read_json(index_path, "delete it and download again", error=WeightsError).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightsError(f"{index_path}: no weight_map; the index is damaged: delete it and download again")
     names = sorted(set(weight_map.values()))

@@ -147,11 +147,22 @@ def test_skip_missing_images_drops_those_studies_with_a_counted_warning(tmp_path
     assert [s.id for s in studies] == ["CXR2_IM-0002"]
 
 
-def test_unreadable_image_names_the_file_and_the_study(tmp_path):
+def test_unreadable_image_names_the_file_and_the_study_at_load_time(tmp_path):
     root = _iu_folder(tmp_path)
     with open(os.path.join(root, "images", "CXR1_IM-0001", "1.png"), "wb") as f:
         f.write(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read image .*CXR1_IM-0001/1.png of study CXR1_IM-0001"):
+        load_split("iu_xray", root, "train")
+
+
+def test_an_image_cut_short_is_named_where_it_is_decoded(tmp_path):
+    root = _iu_folder(tmp_path)
     study = load_split("iu_xray", root, "train")[0]
+    path = os.path.join(root, "images", "CXR1_IM-0001", "1.png")
+    with open(path, "rb") as f:
+        head = f.read()
+    with open(path, "wb") as f:  # the header survives, the pixel data does not
+        f.write(head[:len(head) // 2])
     with pytest.raises(DataError, match=r"cannot read image .*CXR1_IM-0001/1.png of study CXR1_IM-0001"):
         load_images(study)
 
@@ -159,9 +170,8 @@ def test_unreadable_image_names_the_file_and_the_study(tmp_path):
 def test_an_image_too_narrow_for_the_processor_names_the_file_and_the_study(tmp_path):
     root = _iu_folder(tmp_path)
     _png(os.path.join(root, "images", "CXR1_IM-0001", "0.png"), size=(402, 2))  # 201:1
-    study = load_split("iu_xray", root, "train")[0]
     with pytest.raises(DataError, match=r"image .*CXR1_IM-0001/0.png of study CXR1_IM-0001 is 402x2 px"):
-        load_images(study)
+        load_split("iu_xray", root, "train")
 
 
 def test_unknown_dataset_and_split_are_rejected(tmp_path):

@@ -251,7 +251,19 @@ def test_reference_is_labelled_once_per_study_across_calls():
         compute_rewards(completions, ids, [refs[i] for i in ids], labeler, cache=cache, **PAPER_REWARD)
     assert labeler.seen.count("left effusion") == 1
     assert labeler.seen.count("enlarged heart") == 1 + 3  # the reference once, completion 2 thrice
-    assert sorted(cache) == ["A", "B"]
+    assert sorted(cache) == ["enlarged heart", "left effusion"]  # keyed by what is labelled
+
+
+def test_two_studies_sharing_an_id_are_each_scored_against_their_own_reference():
+    # the id is the caller's and may repeat (data.load_split refuses that, other callers may not)
+    completions = [well("effusion"), well("effusion")]
+    cache = {}
+    _, parts = compute_rewards(completions, ["A", "A"], ["left effusion", "heart and lungs normal"],
+                               CountingLabeler(), cache=cache, **PAPER_REWARD)
+    assert parts["mccs"].tolist() == [1.0, 0.0]  # matches the first reference, not the second
+    _, again = compute_rewards(completions[::-1], ["A", "A"], ["heart and lungs normal", "left effusion"],
+                               CountingLabeler(), cache=cache, **PAPER_REWARD)
+    assert again["mccs"].tolist() == [0.0, 1.0]  # a later step with the cache filled: the same
 
 
 def test_empty_report_gets_no_clinical_reward():
