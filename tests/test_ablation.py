@@ -114,8 +114,8 @@ def test_a_second_run_runs_nothing_again(runs):
 
 
 def test_a_row_whose_training_finished_is_only_scored_again(runs):
-    assert [(os.path.basename(c[1]), os.path.basename(os.path.dirname(flag(c, "--output-dir"))))
-            for c in runs["jobs"][2]] == [("evaluate.py", "grpo_bleu")]
+    assert [(c[2], os.path.basename(os.path.dirname(flag(c, "--output-dir"))))
+            for c in runs["jobs"][2]] == [("mrgr1.evaluate", "grpo_bleu")]
 
 
 def test_other_settings_on_the_same_folder_stop_before_any_work(runs, monkeypatch):
