@@ -15,7 +15,7 @@ checkpoint whose files the disk has not kept.
 On resume, `config_differences` lists the flags that change the run (batch size, G, seed, lr,
 loss type, LoRA shape, data set, ...) and differ from the checkpoint's train_config.json; where
 it runs, how often it saves or reports, and what it evaluates do not count (`NOT_RUN_KEYS`), and
-the run's length (--steps, --epochs) may change with a note.
+the run's length (--steps) may change with a note.
 `drop_metrics_after` cuts the rows a crashed run logged after its last checkpoint.
 
 Example:
@@ -242,7 +242,7 @@ NOT_RUN_KEYS = ("resume", "overwrite", "output_dir", "weights_dir", "device", "t
                 "save_every", "sample_every", "grad_checkpointing", "prompt_cache_gb")
 # The run's length may change on resume (train longer or stop earlier); the caller says so, since
 # the learning-rate schedule then spans the new length.
-LENGTH_KEYS = ("steps", "epochs")
+LENGTH_KEYS = ("steps",)
 
 
 def _flag(key: str) -> str:

@@ -244,7 +244,8 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
                 rollout.advantages[rows], loss_mask[rows], eps_low=cfg.epsilon, eps_high=cfg.clip_high,
                 beta=cfg.beta, loss_type=cfg.loss_type, max_len=cfg.max_new_tokens, normalizer=normalizers[k])
             loss.backward()
-            accumulate(update, float(loss.detach()), stats, share=float(loss_mask[rows].sum()) / max(float(loss_mask.sum()), 1.0))
+            share = float(loss_mask[rows].sum()) / max(float(loss_mask.sum()), 1.0)  # of the step's tokens
+            accumulate(update, float(loss.detach()), stats, share)
         distributed.sum_gradients(params)                                              # ranks
         update["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
