@@ -197,3 +197,24 @@ def test_command_line_writes_the_annotation_and_refuses_to_overwrite(tmp_path, c
         assert json.load(f)["derived_from"]["seed"] == 2
     with pytest.raises(SystemExit, match="exists"):
         iu_xml.main([root])
+
+
+def test_the_xml_release_trains_and_evaluates_end_to_end(tmp_path):
+    """--dataset iu_xray --data-root <the Open-i folders>: the studies derived from the XML train the
+    demo model (SFT and one GRPO step) and evaluate.py scores them, without an annotation.json given."""
+    from mrgr1 import evaluate, train
+
+    root = normal_release(tmp_path / "iu", n=20)
+    out = tmp_path / "run"
+    common = ["--dataset", "iu_xray", "--data-root", root, "--labeler", "rules", "--min-pixels", "784",
+              "--max-pixels", "784", "--max-new-tokens", "6"]
+    results = train.main(common + ["--policy", "demo", "--output-dir", str(out), "--sft-steps", "2",
+                                   "--sft-batch-size", "2", "--steps", "1", "--batch-size", "2",
+                                   "--num-generations", "2", "--lora-rank", "4", "--eval-limit", "2",
+                                   "--sample-every", "0"])
+    assert set(results) == {"before", "after"}
+    assert os.path.isfile(os.path.join(root, "annotation.json"))  # derived once, reusable
+    scores = evaluate.main(common + ["--policy", str(out / "sft"), "--adapter", str(out / "final"),
+                                     "--limit", "2", "--output-dir", str(tmp_path / "eval")])
+    assert scores["ce_micro/f1"] == results["after"]["ce_micro/f1"]
+    assert "baseline/empty/ce_micro/f1" in scores

@@ -135,6 +135,20 @@ def test_flag_mistakes_are_listed_in_one_line(demo_root, tmp_path):
     assert "--num-generations 1 (at least 2" in message and "--top-p 0.0" in message and "choose one" in message
 
 
+def test_a_margin_that_cannot_shape_is_refused_before_any_work(demo_root, tmp_path):
+    message = one_line_error(["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(tmp_path),
+                              "--mccs-margin", "1.0"])
+    assert "--mccs-margin 1.0 (in [-1, 1))" in message
+    assert not os.path.exists(tmp_path / "init")  # no policy drawn, no SFT run
+
+
+def test_an_sft_batch_larger_than_the_training_split_is_one_error_line_before_sft(demo_root, tmp_path):
+    message = one_line_error(["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(tmp_path),
+                              "--batch-size", "2", "--sft-batch-size", "7"])
+    assert "--sft-batch-size 7 is larger than the 6 training studies of demo" in message
+    assert not os.path.exists(tmp_path / "init")
+
+
 def test_a_batch_larger_than_the_training_split_is_one_error_line(demo_root, tmp_path):
     message = one_line_error(["--dataset", "demo", "--data-root", demo_root, "--output-dir", str(tmp_path),
                               "--batch-size", "7"])
