@@ -176,8 +176,9 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grp
     "grpo":          (1/N) sum_i (1/|o_i|) sum_t L_i,t   (long completions weigh less per token)
     "bnpo" / "dapo": sum_i,t L_i,t / sum_i |o_i|          (every token weighs the same)
     "dr_grpo":       sum_i,t L_i,t / (N * max_len)        (a constant: no length bias)
-    normalizer replaces the denominator N, sum |o_i| or N * max_len by the whole batch's
-    (see `loss_normalizer`) when this is one micro-batch of several.
+    These are the formulas for one (micro-)batch on its own. When it is one micro-batch of several,
+    `normalizer` replaces the denominator: `micro_batch_normalizers` gives each one (the whole step's
+    for grpo, dapo and dr_grpo; for bnpo its own token count times the number of micro-batches).
     Worked example, L = [[-1, -1.2], [0.8, pad]], |o| = [2, 1]:
         grpo (-1.1 + 0.8) / 2 = -0.15;  bnpo (-1.4) / 3 = -0.4667;  dr_grpo (-1.4) / (2 * 2) = -0.35
     """

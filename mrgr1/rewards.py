@@ -15,7 +15,7 @@ The paper does not publish the margin m: the run configuration's default (0.5) i
 Example:
     >>> labeler = CheXbert.from_pretrained(weights, vocab)  # or any object with .label(list[str])
     >>> cache = {}                # reference labels by report text, kept across steps
-    >>> total, parts = compute_rewards(completions, study_ids, ref_reports, labeler, weights={"mccs": 0.75,
+    >>> total, parts = compute_rewards(completions, ref_reports, labeler, weights={"mccs": 0.75,
     ...     "format": 0.25}, margin=0.5, mapping=(0, 1, -1, 1), cache=cache)
     >>> total.shape, sorted(parts)   # (torch.Size([N]), ['format', 'mccs'])
 """
@@ -214,14 +214,13 @@ def _label(labeler, reports: list[str]) -> torch.Tensor:
     return labels.long().cpu()  # rewards are tiny: keep them on the CPU, whatever the labeler uses
 
 
-def reference_labels(study_ids: list, ref_reports: list[str], labeler, cache: dict) -> torch.Tensor:
+def reference_labels(ref_reports: list[str], labeler, cache: dict) -> torch.Tensor:
     """CheXbert codes [N, 14] of the reference reports; each distinct report is labelled once, ever.
 
     `cache` maps a reference report's text -> LongTensor [14]: the labels are a function of the
     text alone, so the key can never name two different things (a study id can: two studies that
     share one must not share labels). Reports not in it are labelled in one batch and added.
     With G rollouts per study the same report repeats G times in a batch: still one labelling.
-    study_ids: kept for the callers' symmetry with ref_reports; not used as a key.
     """
     todo = list(dict.fromkeys(r for r in ref_reports if r not in cache))  # distinct, in order
     if todo:
@@ -230,7 +229,7 @@ def reference_labels(study_ids: list, ref_reports: list[str], labeler, cache: di
     return torch.stack([cache[r] for r in ref_reports])  # [N, 14]
 
 
-def clinical_reward(reports: list[str], study_ids: list, ref_reports: list[str], labeler, *,
+def clinical_reward(reports: list[str], ref_reports: list[str], labeler, *,
                     kind: str, margin: float, mapping, cache: dict | None = None,
                     details: dict | None = None) -> torch.Tensor:
     """The content part of the reward for extracted reports -> [N]: MCCS, CE-F1 or BLEU-4.
@@ -243,7 +242,7 @@ def clinical_reward(reports: list[str], study_ids: list, ref_reports: list[str],
     if kind == "bleu":
         scores = torch.tensor([sentence_bleu(h, r) for h, r in zip(reports, ref_reports)])
     else:
-        ref = reference_labels(study_ids, ref_reports, labeler, {} if cache is None else cache)
+        ref = reference_labels(ref_reports, labeler, {} if cache is None else cache)
         gen = _label(labeler, reports)
         scores = mccs(gen, ref, margin, mapping) if kind == "mccs" else ce_f1_reward(gen, ref)
         if details is not None:
@@ -254,15 +253,15 @@ def clinical_reward(reports: list[str], study_ids: list, ref_reports: list[str],
     return torch.where(empty, 0.0, scores.float())
 
 
-def compute_rewards(completions: list[str], study_ids: list, ref_reports: list[str], labeler, *,
+def compute_rewards(completions: list[str], ref_reports: list[str], labeler, *,
                     weights: dict, margin: float, mapping, kind: str = "mccs", cache: dict | None = None,
                     details: dict | None = None):
     """Total reward R = w_kind * clinical + w_format * format for N completions.
 
-    completions: decoded texts [N]; study_ids / ref_reports: the study of each completion [N]
-    (repeat them G times for G rollouts). labeler: anything with `.label(list[str]) -> [N, 14]`
+    completions: decoded texts [N]; ref_reports: the reference report of each completion's study
+    [N] (repeat it G times for G rollouts). labeler: anything with `.label(list[str]) -> [N, 14]`
     (unused for kind="bleu"). weights: {kind: w, "format": w} (the paper's: 0.75 and 0.25).
-    margin, mapping: see `mccs`. cache: a dict kept by the trainer so references are labelled once per study.
+    margin, mapping: see `mccs`. cache: a dict kept by the trainer so each reference report is labelled once (keyed by its text).
     details: see `clinical_reward`.
     Returns (total [N], parts {kind: [N], "format": [N]}) so each part can be logged.
     """
@@ -271,11 +270,11 @@ def compute_rewards(completions: list[str], study_ids: list, ref_reports: list[s
     if set(weights) != {kind, "format"}:
         raise ValueError(f"reward weights need exactly the keys {{{kind!r}, 'format'}} for "
                          f"kind={kind!r}, got {sorted(weights)}")
-    if not len(completions) == len(study_ids) == len(ref_reports):
-        raise ValueError(f"completions ({len(completions)}), study_ids ({len(study_ids)}) and "
-                         f"ref_reports ({len(ref_reports)}) must have one entry per completion")
+    if len(completions) != len(ref_reports):
+        raise ValueError(f"completions ({len(completions)}) and ref_reports ({len(ref_reports)}) must have "
+                         f"one entry per completion")
     reports = [extract_report(c) for c in completions]
-    parts = {kind: clinical_reward(reports, study_ids, ref_reports, labeler, kind=kind,
+    parts = {kind: clinical_reward(reports, ref_reports, labeler, kind=kind,
                                    margin=margin, mapping=mapping, cache=cache, details=details),
              "format": format_reward(completions)}
     total = sum(weights[k] * parts[k] for k in parts)  # [N]

@@ -7,8 +7,9 @@ DeepSeekMath, arXiv 2402.03300), `grpo_step` line for line:
     2 rollout      --generate: G samples each, KV cache--> completions [B*G, C]          (generate.py)
     3 reward       --decode, extract <report>, label--> R [B*G] = 0.75 MCCS + 0.25 format (rewards.py)
     4 advantages   --group_advantages--> A [B*G]                                         (grpo.py)
-       inputs      [prompt | completion] rows; the vision tower runs once per study here, and the
-                   G rows of a study share its image features (`rollout_inputs`)
+       inputs      [prompt | completion] rows; the vision tower encodes each study's views once here
+                   for every later pass (reference, mu updates), its G rows sharing the features
+                   (`rollout_inputs`; the rollout's prefill encoded them once too)
     5 reference    --token_logps with the adapters off--> pi_ref [B*G, C]                 (lora.py)
     6 update       mu times: log-probs (the first pass is pi_old), `policy_loss` per micro-batch,
                    backward; sum the gradients over ranks; clip; AdamW                   (grpo.py)
@@ -120,9 +121,8 @@ def score_completions(texts: list[str], studies: list[Study], labeler, cfg: RunC
     details holds what the reward saw: "labels" / "ref_labels" [N, 14] and "ccs" [N] (MCCS)."""
     G, details = len(texts) // max(len(studies), 1), {}
     rewards, reward_terms = compute_rewards(
-        texts, [s.id for s in studies for _ in range(G)], [s.report for s in studies for _ in range(G)],
-        labeler, weights=cfg.reward_weight_map, margin=cfg.mccs_margin, mapping=cfg.mccs_mapping,
-        kind=cfg.reward, cache=reward_cache, details=details)
+        texts, [s.report for s in studies for _ in range(G)], labeler, weights=cfg.reward_weight_map,
+        margin=cfg.mccs_margin, mapping=cfg.mccs_mapping, kind=cfg.reward, cache=reward_cache, details=details)
     return rewards, reward_terms, details
 
 
@@ -131,9 +131,9 @@ def score_completions(texts: list[str], studies: list[Study], labeler, cfg: RunC
 def rollout_inputs(model, prompts: dict, completions: torch.Tensor, completion_mask: torch.Tensor, G: int) -> dict:
     """The Rollout's model inputs: each prompt repeated G times, joined to its completions.
 
-    The vision tower runs once per study here: with a frozen tower (LoRA on the decoder) each
-    study's views are encoded once and its G rows share the features, instead of running the tower
-    B*G times in every later forward. A tower that trains gets the patches, repeated G times."""
+    With a frozen vision tower (LoRA on the decoder) each study's views are encoded once here and
+    its G rows share the features in every later forward (reference and updates), instead of
+    running the tower B*G times in each. A tower that trains gets the patches, repeated G times."""
     frozen = not any(p.requires_grad for p in model.model.visual.parameters())
     has_images = prompts.get("pixel_values") is not None
     per_prompt = prompts["images_per_prompt"].tolist() if has_images else []                 # views of study b
@@ -190,7 +190,7 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     (torchrun): each rank passes its own studies; the two calls marked `ranks:` in step 6 (and
     the batch std of step 4) make the update equal to one process's update on the whole batch.
     """
-    G, special = cfg.num_generations, dict(eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+    G, stop_and_pad = cfg.num_generations, dict(eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
     device = next(model.parameters()).device
     model.eval()  # no dropout while sampling and while computing the reference log-probs
 
@@ -199,7 +199,7 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
 
     # ---- 2. rollout: G samples per study (KV cache; the prompt is encoded once)         [B*G, C]
     completions, completion_mask, truncated = sample_completions(
-        model, prompts, cfg, generator, G, **special, suppress_token_ids=suppress_token_ids)
+        model, prompts, cfg, generator, G, **stop_and_pad, suppress_token_ids=suppress_token_ids)
 
     # ---- 3. reward: decode, extract <report>, label, R = 0.75 MCCS + 0.25 format        [B*G]
     texts = decode_completions(processor, completions, completion_mask, pad_token_id)
@@ -229,7 +229,8 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
         loss_mask, slices, cfg.loss_type, cfg.max_new_tokens,
         world_size=distributed.world_size(), sum_over_ranks=distributed.sum_across_ranks)
     params = [p for p in model.parameters() if p.requires_grad]
-    lora.train_without_dropout(model)  # dropout off, as when sampling: the first pass gives pi_old
+    lora.train_without_dropout(model)  # train mode (gradient checkpointing), dropout off as when
+                                       # sampling: the first pass gives pi_old
     history, old_logps = [], []
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)

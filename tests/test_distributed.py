@@ -114,9 +114,9 @@ def fixed_sampler(completions, completion_mask, truncated):
     return sample
 
 
-def fixed_rewards(completions, ids, *args, **kwargs):
+def fixed_rewards(completions, refs, *args, **kwargs):
     """Rewards that depend only on (study, member): the same on a rank as in the single process."""
-    values = [sum(map(ord, i)) % 7 / 7 + 0.3 * (j % 2) for j, i in enumerate(ids)]
+    values = [sum(map(ord, r)) % 7 / 7 + 0.3 * (j % 2) for j, r in enumerate(refs)]
     return torch.tensor(values), {}
 
 
@@ -207,8 +207,8 @@ def test_two_ranks_make_the_single_process_update_and_sft_step(demo_root, tmp_pa
                 key = f"{loss_type}/{stat}"
                 assert torch.allclose(got[key], expected[key], atol=1e-5, rtol=1e-5), (rank, key)
         # the whole batch's rewards, scaled by the whole batch's std; each rank holds its rows
-        ids = [s.id for s in studies[:2] for _ in range(2)]
-        full = grpo.group_advantages(fixed_rewards(None, ids)[0], 2, scale="batch")
+        refs = [s.report for s in studies[:2] for _ in range(2)]
+        full = grpo.group_advantages(fixed_rewards(None, refs)[0], 2, scale="batch")
         assert torch.allclose(got["batch_advantages"], full[2 * rank:2 * rank + 2], atol=1e-6)
 
 

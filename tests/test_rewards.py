@@ -231,24 +231,24 @@ def test_combined_reward_weights_and_parts():
     # 3: well formed, nothing mentioned  -> one zero vector: MCCS 0, format 1 -> 0.25
     completions = [well("small effusion"), well("effusion, enlarged heart"), "small effusion",
                    well("clear lungs")]
-    total, parts = compute_rewards(completions, ["A"] * 4, ["left effusion"] * 4, CountingLabeler(), **PAPER_REWARD)
+    total, parts = compute_rewards(completions, ["left effusion"] * 4, CountingLabeler(), **PAPER_REWARD)
     m1 = (1 / math.sqrt(2) - 0.5) / 0.5
     assert parts["mccs"].tolist() == pytest.approx([1.0, m1, 1.0, 0.0], **close)
     assert parts["format"].tolist() == [1.0, 1.0, 0.0, 1.0]
     assert total.tolist() == pytest.approx([1.0, 0.75 * m1 + 0.25, 0.75, 0.25], **close)
 
-    total, _ = compute_rewards(completions, ["A"] * 4, ["left effusion"] * 4, CountingLabeler(),
+    total, _ = compute_rewards(completions, ["left effusion"] * 4, CountingLabeler(),
                                weights={"mccs": 1.0, "format": 0.0}, margin=M, mapping=PAPER)
     assert total.tolist() == pytest.approx([1.0, m1, 1.0, 0.0], **close)
 
 
-def test_reference_is_labelled_once_per_study_across_calls():
+def test_each_reference_report_is_labelled_once_across_calls():
     labeler, cache = CountingLabeler(), {}
     refs = {"A": "left effusion", "B": "enlarged heart"}
     ids = ["A", "A", "B", "B"]  # G = 2 rollouts per study
     completions = [well("effusion"), well("clear"), well("enlarged heart"), well("effusion")]
     for _ in range(3):  # three training steps over the same studies
-        compute_rewards(completions, ids, [refs[i] for i in ids], labeler, cache=cache, **PAPER_REWARD)
+        compute_rewards(completions, [refs[i] for i in ids], labeler, cache=cache, **PAPER_REWARD)
     assert labeler.seen.count("left effusion") == 1
     assert labeler.seen.count("enlarged heart") == 1 + 3  # the reference once, completion 2 thrice
     assert sorted(cache) == ["enlarged heart", "left effusion"]  # keyed by what is labelled
@@ -258,17 +258,17 @@ def test_two_studies_sharing_an_id_are_each_scored_against_their_own_reference()
     # the id is the caller's and may repeat (data.load_split refuses that, other callers may not)
     completions = [well("effusion"), well("effusion")]
     cache = {}
-    _, parts = compute_rewards(completions, ["A", "A"], ["left effusion", "heart and lungs normal"],
+    _, parts = compute_rewards(completions, ["left effusion", "heart and lungs normal"],
                                CountingLabeler(), cache=cache, **PAPER_REWARD)
     assert parts["mccs"].tolist() == [1.0, 0.0]  # matches the first reference, not the second
-    _, again = compute_rewards(completions[::-1], ["A", "A"], ["heart and lungs normal", "left effusion"],
+    _, again = compute_rewards(completions[::-1], ["heart and lungs normal", "left effusion"],
                                CountingLabeler(), cache=cache, **PAPER_REWARD)
     assert again["mccs"].tolist() == [0.0, 1.0]  # a later step with the cache filled: the same
 
 
 def test_empty_report_gets_no_clinical_reward():
     # without this rule "" (nothing mentioned) would score CCS = 1 against a silent reference
-    total, parts = compute_rewards([well(""), "<think>only thinking"], ["A", "A"],
+    total, parts = compute_rewards([well(""), "<think>only thinking"],
                                    ["heart and lungs normal"] * 2, CountingLabeler(), **PAPER_REWARD)
     assert parts["mccs"].tolist() == [0.0, 0.0] and total.tolist() == [0.0, 0.0]
 
@@ -276,28 +276,28 @@ def test_empty_report_gets_no_clinical_reward():
 def test_ablation_kinds_share_the_interface():
     completions = [well("small effusion"), well("enlarged heart")]
     ids, refs = ["A", "A"], ["small effusion"] * 2
-    total, parts = compute_rewards(completions, ids, refs, CountingLabeler(), kind="ce_f1", weights={"ce_f1": 0.75, "format": 0.25}, margin=M, mapping=PAPER)
+    total, parts = compute_rewards(completions, refs, CountingLabeler(), kind="ce_f1", weights={"ce_f1": 0.75, "format": 0.25}, margin=M, mapping=PAPER)
     assert parts["ce_f1"].tolist() == [1.0, 0.0]
     assert total.tolist() == pytest.approx([1.0, 0.25])
     # BLEU needs no labeler: "small effusion" vs itself -> c = r = 2, p_1 = 1, p_2 = 1, and no
     # 3- or 4-grams: p_3 = p_4 = (0 + 1)/(1 + 1) -> BLEU = (1/4) ** (1/4) = 0.7071;
     # "enlarged heart" shares no word -> 0
-    total, parts = compute_rewards(completions, ids, refs, None, kind="bleu", weights={"bleu": 0.75, "format": 0.25}, margin=M, mapping=PAPER)
+    total, parts = compute_rewards(completions, refs, None, kind="bleu", weights={"bleu": 0.75, "format": 0.25}, margin=M, mapping=PAPER)
     assert parts["bleu"].tolist() == pytest.approx([0.25 ** 0.25, 0.0], **close)
 
 
 def test_combined_reward_errors_speak_to_the_user():
     with pytest.raises(ValueError, match="kind must be one of"):
-        compute_rewards(["x"], ["A"], ["y"], CountingLabeler(), kind="rouge", weights={"rouge": 0.75, "format": 0.25}, margin=M, mapping=PAPER)
+        compute_rewards(["x"], ["y"], CountingLabeler(), kind="rouge", weights={"rouge": 0.75, "format": 0.25}, margin=M, mapping=PAPER)
     with pytest.raises(ValueError, match=re.escape("exactly the keys {'ce_f1', 'format'}")):
-        compute_rewards(["x"], ["A"], ["y"], CountingLabeler(), kind="ce_f1",
+        compute_rewards(["x"], ["y"], CountingLabeler(), kind="ce_f1",
                         weights={"mccs": 0.75, "format": 0.25}, margin=M, mapping=PAPER)  # weight named for another kind
     with pytest.raises(ValueError, match="one entry per completion"):
-        compute_rewards(["x", "z"], ["A"], ["y"], CountingLabeler(), **PAPER_REWARD)
+        compute_rewards(["x", "z"], ["y"], CountingLabeler(), **PAPER_REWARD)
 
     class Broken:
         def label(self, reports):
             return torch.zeros(len(reports), 13, dtype=torch.long)
 
     with pytest.raises(ValueError, match=r"Broken.label\(\) must return"):
-        compute_rewards([well("x")], ["A"], ["y"], Broken(), **PAPER_REWARD)
+        compute_rewards([well("x")], ["y"], Broken(), **PAPER_REWARD)
