@@ -262,8 +262,8 @@ def add_flags(parser: argparse.ArgumentParser, names=None, help_overrides: dict 
         if f.metadata["demo"] is not dataclasses.MISSING:
             default += f"; demo {format_value(f.metadata['demo'])}"
         text = f"{shown} ({default})" if default and f.type != "bool" else shown
-        if f.type == "bool":
-            groups[group].add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=text)
+        if f.type == "bool":  # a switch: off unless given (None = not given, so the preset decides)
+            groups[group].add_argument(flag(name), action="store_const", const=True, default=None, help=text)
         else:
             groups[group].add_argument(flag(name), type=_parse_type(f), default=None, help=text.replace("%", "%%"),
                                        choices=f.metadata["choices"])
