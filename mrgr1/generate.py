@@ -177,11 +177,11 @@ class Rows:
     tokens: torch.Tensor           # [R] long, the last token taken
     step: torch.Tensor             # [1] long, tokens taken so far = the next completion column
     done: torch.Tensor             # [R] bool, the row has taken an EOS
-    completions: torch.Tensor      # [R, N] long
-    mask: torch.Tensor             # [R, N] long
-    logps: torch.Tensor            # [R, N] float32
+    completions: torch.Tensor      # [R, C] long, C = max_new_tokens columns
+    mask: torch.Tensor             # [R, C] long
+    logps: torch.Tensor            # [R, C] float32
     first_positions: torch.Tensor  # [R] long, M-RoPE position of the first new token
-    key_mask: torch.Tensor         # [R, P+N] bool, False at the prompt's left padding
+    key_mask: torch.Tensor         # [R, P+C] bool, False at the prompt's left padding
     ids: torch.Tensor              # [R] long, each row's index in generate's output
 
 
@@ -311,7 +311,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              decode: str = "auto"):
     """Sample `num_samples` (G) completions for each of the B left-padded prompts.
 
-    input_ids, attention_mask [B, P]; pixel_values [N_patches, C*T*p*p] and image_grid_thw
+    input_ids, attention_mask [B, P]; pixel_values [n_patches, 1176] (3 channels x 2 frames x 14 x 14) and image_grid_thw
     [N_images, 3] as the model takes them. temperature 0 is greedy; top_k 0 and top_p 1
     are off. pad_token_id fills the columns after EOS (default: the first EOS id, else 0).
     suppress_token_ids are never sampled (their logits are set to -inf), e.g. <|image_pad|>,

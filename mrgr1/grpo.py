@@ -20,13 +20,14 @@ tokens of row i, split into K micro-batches (--grad-accum) on each of W ranks (M
     dapo     sum_i sum_t L_i,t / sum_i |o_i|                token mean over the whole step (TRL's dapo:
                                                             num_items_in_batch, all ranks)
     dr_grpo  sum_i sum_t L_i,t / (N * max_new_tokens)       a constant denominator (Dr. GRPO)
-bnpo and dapo agree when M = 1; with several micro-batches or ranks, bnpo weighs a token of a
+With the defaults (grpo, one micro-batch, one rank) the loss is simply the mean over completions of
+each completion's token mean. bnpo and dapo agree when M = 1; with several micro-batches or ranks, bnpo weighs a token of a
 micro-batch with few tokens more. grpo, dapo and dr_grpo do not depend on K or W (see
 `loss_normalizer`); bnpo does, by definition (`part_normalizer`).
 
-Example (one update on a batch of N = B * G completions, T completion tokens):
+Example (one update on a batch of N = B * G completions, C completion tokens):
     >>> adv = group_advantages(rewards, group_size=G)                      # [N]
-    >>> logps = model.token_logps(..., logits_to_keep=T, temperature=temp)  # [N, T], with grad
+    >>> logps = model.token_logps(..., logits_to_keep=C, temperature=temp)  # [N, C], with grad
     >>> loss, stats = policy_loss(logps, old_logps, ref_logps, adv, mask, beta=0.04)
     >>> loss.backward()
 """
@@ -83,15 +84,15 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 # ----------------------------------------------------------------------------- loss pieces
 
 def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
-    """r_t = pi_theta(o_t) / pi_old(o_t) = exp(logp - old_logp) -> [N, T]. old_logps carry no grad."""
+    """r_t = pi_theta(o_t) / pi_old(o_t) = exp(logp - old_logp) -> [N, C]. old_logps carry no grad."""
     return torch.exp(logps - old_logps.detach())
 
 
 def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2,
                       eps_high: float = 0.2) -> torch.Tensor:
-    """Per-token PPO loss -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) -> [N, T].
+    """Per-token PPO loss -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) -> [N, C].
 
-    ratio [N, T], advantages [N] (one per completion, shared by its tokens).
+    ratio [N, C], advantages [N] (one per completion, shared by its tokens).
     Worked example, eps = 0.2: r = 1.5, A = 1 -> -min(1.5, 1.2) = -1.2 (clipped: no gradient);
     r = 0.5, A = -1 -> -min(-0.5, -0.8) = 0.8 (clipped); r = 1.5, A = -1 -> -min(-1.5, -1.2) = 1.5
     (not clipped: a too-likely bad token is always pushed down).
@@ -102,7 +103,7 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: fl
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """KL_t = exp(ref - logp) - (ref - logp) - 1 >= 0 (Schulman's k3 estimator) -> [N, T].
+    """KL_t = exp(ref - logp) - (ref - logp) - 1 >= 0 (Schulman's k3 estimator) -> [N, C].
 
     Unbiased for KL(pi_theta || pi_ref) when o_t ~ pi_theta, zero when the policies agree.
     Worked example: pi_theta(o) = 0.5, pi_ref(o) = 0.25 -> ref - logp = log 0.5 = -0.6931,
@@ -113,7 +114,7 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 
 def loss_normalizer(mask: torch.Tensor, loss_type: str = "grpo", max_len: int | None = None) -> float:
-    """The denominator `aggregate` uses for a whole batch with completion mask [N, T].
+    """The denominator `aggregate` uses for a whole batch with completion mask [N, C].
 
     "grpo": N (sequences); "bnpo"/"dapo": number of completion tokens (may be 0 when every
     row is masked; `aggregate` then divides by 1); "dr_grpo": N * max_len. Several ranks: the
@@ -157,7 +158,7 @@ def micro_batch_normalizers(mask: torch.Tensor, slices: list[slice], loss_type: 
     """The denominator of each micro-batch's loss, chosen by loss_type, so that the losses of the K
     micro-batches on every one of the W ranks SUM to the step's loss (and so do the gradients).
 
-    mask [N, T] is this rank's completion mask, `slices` its K micro-batches. grpo, dapo and
+    mask [N, C] is this rank's completion mask, `slices` its K micro-batches. grpo, dapo and
     dr_grpo divide every micro-batch by the whole step's `loss_normalizer` (summed over ranks:
     `sum_over_ranks`, e.g. distributed.sum_across_ranks); bnpo by the micro-batch's own token count
     times K * W (`part_normalizer`). The one place where the loss type picks a normaliser.
@@ -171,7 +172,7 @@ def micro_batch_normalizers(mask: torch.Tensor, slices: list[slice], loss_type: 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo",
               max_len: int | None = None, normalizer: float | None = None) -> torch.Tensor:
-    """Reduce a per-token loss [N, T] over completion tokens (mask 1) to a scalar.
+    """Reduce a per-token loss [N, C] over completion tokens (mask 1) to a scalar.
 
     "grpo":          (1/N) sum_i (1/|o_i|) sum_t L_i,t   (long completions weigh less per token)
     "bnpo" / "dapo": sum_i,t L_i,t / sum_i |o_i|          (every token weighs the same)
@@ -196,7 +197,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grp
 
 
 def mask_truncated(mask: torch.Tensor, is_truncated: torch.Tensor) -> torch.Tensor:
-    """Zero the mask [N, T] of completions that hit max_new_tokens without EOS (is_truncated [N]).
+    """Zero the mask [N, C] of completions that hit max_new_tokens without EOS (is_truncated [N]).
 
     DAPO's "overlong filtering": a cut-off report is judged on an unfinished text, so its reward
     says little about its tokens. With loss_type "grpo" a masked row still counts in N.
@@ -214,9 +215,9 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, e
                 beta=0.04, loss_type="grpo", max_len=None, normalizer=None):
     """The GRPO loss and its statistics for one (micro-)batch.
 
-    logps [N, T] (with grad), old_logps [N, T] or None (on-policy: old = logps.detach(), so
+    logps [N, C] (with grad), old_logps [N, C] or None (on-policy: old = logps.detach(), so
     r = 1 exactly and only its gradient, A * grad log p, remains),
-    ref_logps [N, T] or None (only when beta = 0), advantages [N], mask [N, T] (1 = completion
+    ref_logps [N, C] or None (only when beta = 0), advantages [N], mask [N, C] (1 = completion
     token). loss_type and max_len: see `aggregate`; normalizer: see `loss_normalizer`.
     Returns (loss, stats) with stats as floats: "kl" (mean k3 over tokens, when ref_logps is
     given), "clip_ratio/low_mean" (share of tokens with r < 1 - eps_low and A < 0),
@@ -224,7 +225,7 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, e
     "ratio_mean" (mean r). Entropy is not computable from log-probs alone and is not reported.
     """
     if logps.dim() != 2 or mask.shape != logps.shape or advantages.shape != logps.shape[:1]:
-        raise ValueError(f"expected logps and mask [N, T] and advantages [N]; got logps "
+        raise ValueError(f"expected logps and mask [N, C] and advantages [N]; got logps "
                          f"{tuple(logps.shape)}, mask {tuple(mask.shape)}, advantages "
                          f"{tuple(advantages.shape)}")
     for name, other in (("old_logps", old_logps), ("ref_logps", ref_logps)):
@@ -235,11 +236,11 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, e
                          f"pass them or set beta = 0")
     mask = mask.to(logps.dtype)
     old_logps = logps.detach() if old_logps is None else old_logps
-    ratio = importance_ratio(logps, old_logps)                             # [N, T]
-    per_token = clipped_surrogate(ratio, advantages, eps_low, eps_high)    # [N, T]
+    ratio = importance_ratio(logps, old_logps)                             # [N, C]
+    per_token = clipped_surrogate(ratio, advantages, eps_low, eps_high)    # [N, C]
     stats = {}
     if ref_logps is not None:
-        kl = k3_kl(logps, ref_logps)                                       # [N, T]
+        kl = k3_kl(logps, ref_logps)                                       # [N, C]
         if beta != 0:
             per_token = per_token + beta * kl
         stats["kl"] = _masked_mean(kl.detach(), mask)

@@ -261,9 +261,15 @@ def compute_rewards(completions: list[str], ref_reports: list[str], labeler, *,
     completions: decoded texts [N]; ref_reports: the reference report of each completion's study
     [N] (repeat it G times for G rollouts). labeler: anything with `.label(list[str]) -> [N, 14]`
     (unused for kind="bleu"). weights: {kind: w, "format": w} (the paper's: 0.75 and 0.25).
-    margin, mapping: see `mccs`. cache: a dict kept by the trainer so each reference report is labelled once (keyed by its text).
-    details: see `clinical_reward`.
+    margin, mapping: see `mccs`. cache: a dict kept by the trainer so each reference report is
+    labelled once (keyed by its text). details: see `clinical_reward`.
     Returns (total [N], parts {kind: [N], "format": [N]}) so each part can be logged.
+    Worked example, m = 0.5, reference "left effusion" (effusion positive):
+        "<think>a</think><report>small effusion</report>" -> MCCS 1, format 1 -> R = 0.75 + 0.25 = 1.0
+        "small effusion" (no tags)                         -> MCCS 1, format 0 -> R = 0.75
+        "<think>a</think><report>clear lungs</report>"   -> no finding of the 13: a zero vector
+                                                              against a non-zero one, CCS 0, MCCS 0,
+                                                              format 1 -> R = 0.25
     """
     if kind not in KINDS:
         raise ValueError(f"reward kind must be one of {KINDS}, got {kind!r}")
