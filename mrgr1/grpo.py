@@ -11,19 +11,9 @@ Variants: "batch" advantage scaling, no scaling and the "dr_grpo" length normali
 Liu et al., 2025, arXiv 2503.20783), token-level "bnpo"/"dapo" normalisation (DAPO, Yu et al., 2025,
 arXiv 2503.14476; also its asymmetric clip eps_high > eps_low).
 
-The four aggregations, side by side, for the N = B * G completions of one step, |o_i| completion
-tokens of row i, split into K micro-batches (--grad-accum) on each of W ranks (M = K * W parts m):
-    grpo     (1/N) sum_i (1/|o_i|) sum_t L_i,t              each completion's token mean, then the mean
-    bnpo     (1/M) sum_m [sum_{i in m} sum_t L_i,t / sum_{i in m} |o_i|]
-                                                            token mean within each micro-batch, then
-                                                            the mean over micro-batches (TRL's bnpo)
-    dapo     sum_i sum_t L_i,t / sum_i |o_i|                token mean over the whole step (TRL's dapo:
-                                                            num_items_in_batch, all ranks)
-    dr_grpo  sum_i sum_t L_i,t / (N * max_new_tokens)       a constant denominator (Dr. GRPO)
-With the defaults (grpo, one micro-batch, one rank) the loss is simply the mean over completions of
-each completion's token mean. bnpo and dapo agree when M = 1; with several micro-batches or ranks, bnpo weighs a token of a
-micro-batch with few tokens more. grpo, dapo and dr_grpo do not depend on K or W (see
-`loss_normalizer`); bnpo does, by definition (`part_normalizer`).
+With the defaults (grpo, one micro-batch, one rank) the loss is the mean over completions of each
+completion's token mean; the four aggregations side by side, with micro-batches and ranks, are
+described above `loss_normalizer` at the end of this file.
 
 Example (one update on a batch of N = B * G completions, C completion tokens):
     >>> adv = group_advantages(rewards, group_size=G)                      # [N]
@@ -113,6 +103,101 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo",
+              max_len: int | None = None, normalizer: float | None = None) -> torch.Tensor:
+    """Reduce a per-token loss [N, C] over completion tokens (mask 1) to a scalar.
+
+    "grpo":          (1/N) sum_i (1/|o_i|) sum_t L_i,t   (long completions weigh less per token)
+    "bnpo" / "dapo": sum_i,t L_i,t / sum_i |o_i|          (every token weighs the same)
+    "dr_grpo":       sum_i,t L_i,t / (N * max_len)        (a constant: no length bias)
+    These are the formulas for one (micro-)batch on its own. When it is one micro-batch of several,
+    `normalizer` replaces the denominator: `micro_batch_normalizers` gives each one (the whole step's
+    for grpo, dapo and dr_grpo; for bnpo its own token count times the number of micro-batches).
+    Worked example, L = [[-1, -1.2], [0.8, pad]], |o| = [2, 1]:
+        grpo (-1.1 + 0.8) / 2 = -0.15;  bnpo (-1.4) / 3 = -0.4667;  dr_grpo (-1.4) / (2 * 2) = -0.35
+    """
+    mask = mask.to(per_token.dtype)
+    per_token = torch.where(mask > 0, per_token, 0.0)  # padding, whatever its value, adds nothing
+    if normalizer is None:
+        normalizer = loss_normalizer(mask, loss_type, max_len)
+    elif loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    normalizer = max(normalizer, 1.0)  # no completion token at all: the loss is 0, not 0 / 0
+    if loss_type == "grpo":
+        per_seq = per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)          # [N]
+        return per_seq.sum() / normalizer
+    return per_token.sum() / normalizer
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp_min(1.0))
+
+
+def policy_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps_high=0.2,
+                beta=0.04, loss_type="grpo", max_len=None, normalizer=None):
+    """The GRPO loss and its statistics for one (micro-)batch.
+
+    logps [N, C] (with grad), old_logps [N, C] or None (on-policy: old = logps.detach(), so
+    r = 1 exactly and only its gradient, A * grad log p, remains),
+    ref_logps [N, C] or None (only when beta = 0), advantages [N], mask [N, C] (1 = completion
+    token). loss_type and max_len: see `aggregate`; normalizer: see `loss_normalizer`.
+    Returns (loss, stats) with stats as floats: "kl" (mean k3 over tokens, when ref_logps is
+    given), "clip_ratio/low_mean" (share of tokens with r < 1 - eps_low and A < 0),
+    "clip_ratio/high_mean" (r > 1 + eps_high and A > 0), "clip_ratio/region_mean" (either),
+    "ratio_mean" (mean r). Entropy is not computable from log-probs alone and is not reported.
+    """
+    if logps.dim() != 2 or mask.shape != logps.shape or advantages.shape != logps.shape[:1]:
+        raise ValueError(f"expected logps and mask [N, C] and advantages [N]; got logps "
+                         f"{tuple(logps.shape)}, mask {tuple(mask.shape)}, advantages "
+                         f"{tuple(advantages.shape)}")
+    for name, other in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if other is not None and other.shape != logps.shape:
+            raise ValueError(f"{name} {tuple(other.shape)} must match logps {tuple(logps.shape)}")
+    if beta != 0 and ref_logps is None:
+        raise ValueError(f"beta = {beta} needs ref_logps (the reference policy's log-probs); "
+                         f"pass them or set beta = 0")
+    mask = mask.to(logps.dtype)
+    old_logps = logps.detach() if old_logps is None else old_logps
+    ratio = importance_ratio(logps, old_logps)                             # [N, C]
+    per_token = clipped_surrogate(ratio, advantages, eps_low, eps_high)    # [N, C]
+    stats = {}
+    if ref_logps is not None:
+        kl = k3_kl(logps, ref_logps)                                       # [N, C]
+        if beta != 0:
+            per_token = per_token + beta * kl
+        stats["kl"] = _masked_mean(kl.detach(), mask)
+    loss = aggregate(per_token, mask, loss_type, max_len, normalizer)
+
+    r, a = ratio.detach(), advantages.unsqueeze(1)
+    low = ((r < 1 - eps_low) & (a < 0)).to(mask.dtype)
+    high = ((r > 1 + eps_high) & (a > 0)).to(mask.dtype)
+    stats["clip_ratio/low_mean"] = _masked_mean(low, mask)
+    stats["clip_ratio/high_mean"] = _masked_mean(high, mask)
+    stats["clip_ratio/region_mean"] = _masked_mean(low + high, mask)
+    stats["ratio_mean"] = _masked_mean(r, mask)
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- micro-batches, ranks, truncation
+# What the variants need beyond `aggregate`: the default (grpo, one micro-batch, one rank, no
+# truncation mask) needs none of it.
+#
+# The four aggregations, side by side, for the N = B * G completions of one step, |o_i| completion
+# tokens of row i, split into K micro-batches (--grad-accum) on each of W ranks (M = K * W parts m):
+#     grpo     (1/N) sum_i (1/|o_i|) sum_t L_i,t              each completion's token mean, then the mean
+#     bnpo     (1/M) sum_m [sum_{i in m} sum_t L_i,t / sum_{i in m} |o_i|]
+#                                                             token mean within each micro-batch, then
+#                                                             the mean over micro-batches (TRL's bnpo)
+#     dapo     sum_i sum_t L_i,t / sum_i |o_i|                token mean over the whole step (TRL's dapo:
+#                                                             num_items_in_batch, all ranks)
+#     dr_grpo  sum_i sum_t L_i,t / (N * max_new_tokens)       a constant denominator (Dr. GRPO)
+# bnpo and dapo agree when M = 1; with several micro-batches or ranks, bnpo weighs a token of a
+# micro-batch with few tokens more. grpo, dapo and dr_grpo do not depend on K or W (see
+# `loss_normalizer`); bnpo does, by definition (`part_normalizer`).
+
+
 def loss_normalizer(mask: torch.Tensor, loss_type: str = "grpo", max_len: int | None = None) -> float:
     """The denominator `aggregate` uses for a whole batch with completion mask [N, C].
 
@@ -170,32 +255,6 @@ def micro_batch_normalizers(mask: torch.Tensor, slices: list[slice], loss_type: 
     return [part_normalizer(loss_type, whole, mask[s], num_parts) for s in slices]
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo",
-              max_len: int | None = None, normalizer: float | None = None) -> torch.Tensor:
-    """Reduce a per-token loss [N, C] over completion tokens (mask 1) to a scalar.
-
-    "grpo":          (1/N) sum_i (1/|o_i|) sum_t L_i,t   (long completions weigh less per token)
-    "bnpo" / "dapo": sum_i,t L_i,t / sum_i |o_i|          (every token weighs the same)
-    "dr_grpo":       sum_i,t L_i,t / (N * max_len)        (a constant: no length bias)
-    These are the formulas for one (micro-)batch on its own. When it is one micro-batch of several,
-    `normalizer` replaces the denominator: `micro_batch_normalizers` gives each one (the whole step's
-    for grpo, dapo and dr_grpo; for bnpo its own token count times the number of micro-batches).
-    Worked example, L = [[-1, -1.2], [0.8, pad]], |o| = [2, 1]:
-        grpo (-1.1 + 0.8) / 2 = -0.15;  bnpo (-1.4) / 3 = -0.4667;  dr_grpo (-1.4) / (2 * 2) = -0.35
-    """
-    mask = mask.to(per_token.dtype)
-    per_token = torch.where(mask > 0, per_token, 0.0)  # padding, whatever its value, adds nothing
-    if normalizer is None:
-        normalizer = loss_normalizer(mask, loss_type, max_len)
-    elif loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    normalizer = max(normalizer, 1.0)  # no completion token at all: the loss is 0, not 0 / 0
-    if loss_type == "grpo":
-        per_seq = per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)          # [N]
-        return per_seq.sum() / normalizer
-    return per_token.sum() / normalizer
-
-
 def mask_truncated(mask: torch.Tensor, is_truncated: torch.Tensor) -> torch.Tensor:
     """Zero the mask [N, C] of completions that hit max_new_tokens without EOS (is_truncated [N]).
 
@@ -203,54 +262,3 @@ def mask_truncated(mask: torch.Tensor, is_truncated: torch.Tensor) -> torch.Tens
     says little about its tokens. With loss_type "grpo" a masked row still counts in N.
     """
     return mask * (~is_truncated.bool()).unsqueeze(1).to(mask.dtype)
-
-
-# ----------------------------------------------------------------------------- the loss
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp_min(1.0))
-
-
-def policy_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps_high=0.2,
-                beta=0.04, loss_type="grpo", max_len=None, normalizer=None):
-    """The GRPO loss and its statistics for one (micro-)batch.
-
-    logps [N, C] (with grad), old_logps [N, C] or None (on-policy: old = logps.detach(), so
-    r = 1 exactly and only its gradient, A * grad log p, remains),
-    ref_logps [N, C] or None (only when beta = 0), advantages [N], mask [N, C] (1 = completion
-    token). loss_type and max_len: see `aggregate`; normalizer: see `loss_normalizer`.
-    Returns (loss, stats) with stats as floats: "kl" (mean k3 over tokens, when ref_logps is
-    given), "clip_ratio/low_mean" (share of tokens with r < 1 - eps_low and A < 0),
-    "clip_ratio/high_mean" (r > 1 + eps_high and A > 0), "clip_ratio/region_mean" (either),
-    "ratio_mean" (mean r). Entropy is not computable from log-probs alone and is not reported.
-    """
-    if logps.dim() != 2 or mask.shape != logps.shape or advantages.shape != logps.shape[:1]:
-        raise ValueError(f"expected logps and mask [N, C] and advantages [N]; got logps "
-                         f"{tuple(logps.shape)}, mask {tuple(mask.shape)}, advantages "
-                         f"{tuple(advantages.shape)}")
-    for name, other in (("old_logps", old_logps), ("ref_logps", ref_logps)):
-        if other is not None and other.shape != logps.shape:
-            raise ValueError(f"{name} {tuple(other.shape)} must match logps {tuple(logps.shape)}")
-    if beta != 0 and ref_logps is None:
-        raise ValueError(f"beta = {beta} needs ref_logps (the reference policy's log-probs); "
-                         f"pass them or set beta = 0")
-    mask = mask.to(logps.dtype)
-    old_logps = logps.detach() if old_logps is None else old_logps
-    ratio = importance_ratio(logps, old_logps)                             # [N, C]
-    per_token = clipped_surrogate(ratio, advantages, eps_low, eps_high)    # [N, C]
-    stats = {}
-    if ref_logps is not None:
-        kl = k3_kl(logps, ref_logps)                                       # [N, C]
-        if beta != 0:
-            per_token = per_token + beta * kl
-        stats["kl"] = _masked_mean(kl.detach(), mask)
-    loss = aggregate(per_token, mask, loss_type, max_len, normalizer)
-
-    r, a = ratio.detach(), advantages.unsqueeze(1)
-    low = ((r < 1 - eps_low) & (a < 0)).to(mask.dtype)
-    high = ((r > 1 + eps_high) & (a > 0)).to(mask.dtype)
-    stats["clip_ratio/low_mean"] = _masked_mean(low, mask)
-    stats["clip_ratio/high_mean"] = _masked_mean(high, mask)
-    stats["clip_ratio/region_mean"] = _masked_mean(low + high, mask)
-    stats["ratio_mean"] = _masked_mean(r, mask)
-    return loss, stats
