@@ -36,9 +36,9 @@ from safetensors.torch import save_file
 
 from . import lora
 from .files import read_json, read_safetensors, read_text
+from .run_config import CONFIG_FILE  # the run's recorded configuration, in every checkpoint
 
 STATE_FILE = "trainer_state.pt"
-CONFIG_FILE = "train_config.json"
 MODEL_FILE = "model.safetensors"
 LATEST_FILE = "latest"
 

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from mrgr1 import baselines, checkpoint, data, distributed, eval_report, lora, pipeline, run_config, vlm, weights
 from mrgr1.evaluation import generate_reports
+from mrgr1.files import read_json
 from mrgr1.metrics import ce_scores, format_table, nlg_scores
 from mrgr1.predictions import PredictionsError, append_records, read_predictions
 from mrgr1.prompts import PromptEncoder
@@ -269,12 +270,8 @@ def resume_state(args, studies: list[data.Study], pred_path: str) -> list[dict]:
                 os.remove(os.path.join(args.output_dir, name))
     done = read_predictions(pred_path, drop_partial_tail=True) if os.path.exists(pred_path) else []
     if done and os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                before = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EvalError(f"{config_path}: not valid JSON ({e}); use another --output-dir, or "
-                            f"--overwrite to start again") from e
+        before = read_json(config_path, "use another --output-dir, or --overwrite to start again",
+                           error=EvalError)
         changed = ", ".join(f"{k}: {before.get(k)!r} then, {config[k]!r} now" for k in RESUME_KEYS
                             if before.get(k) != config[k])
         if changed:

@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import data, processing
+from .files import read_json
 
 GROUPS = ("data", "model", "prompt", "reward", "GRPO", "SFT", "evaluation", "run")
 DEMO_PIXELS = 84 * 84  # the demo's 112 px views are resized to 84 px: 6x6 patches, 9 tokens (ours)
@@ -300,11 +301,5 @@ def load_recorded(folder: str) -> dict | None:
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: not valid JSON ({e}); fix or delete it") from e
-    if not isinstance(stored, dict):
-        raise UsageError(f"{path}: expected a JSON object of run settings; fix or delete it")
+    stored = read_json(path, "fix or delete it, or give the settings as flags", error=UsageError)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in FIELDS}
