@@ -121,9 +121,9 @@ def report_warning(counts: dict, num_studies: int, share: float = WARN_SHARE) ->
 
 def training_reports(dataset: str, data_root: str | None) -> list[str]:
     """The reports of `dataset`'s training split; a DataError when it cannot be read (nothing is
-    drawn or downloaded here)."""
+    drawn or downloaded here, and no image is opened: only the reports are needed)."""
     from .data import load_split  # here, not at the top: data imports torch and PIL
-    return [s.report for s in load_split(dataset, data_root, "train")]
+    return [s.report for s in load_split(dataset, data_root, "train", check_images=False)]
 
 
 def main(argv=None) -> dict:

@@ -116,12 +116,13 @@ def _one_image_default(entry: dict) -> bool:
 
 
 def load_split(dataset: str, root: str | None, split: str, *, all_images: bool = False,
-               skip_missing_images: bool = False) -> list[Study]:
+               skip_missing_images: bool = False, check_images: bool = True) -> list[Study]:
     """Load one split of `dataset` ("iu_xray" | "mimic_cxr" | "demo") from `root`.
 
     root None -> DEFAULT_ROOTS[dataset]. MIMIC-CXR studies use one image unless all_images.
     Every image file must exist, or DataError names it; skip_missing_images=True drops such
-    studies instead and warns with their count and an example id.
+    studies instead and warns with their count and an example id. check_images=False, for a
+    caller that reads the reports alone, opens no image (nor checks that it exists).
     """
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -144,7 +145,7 @@ def load_split(dataset: str, root: str | None, split: str, *, all_images: bool =
     studies = [_entry_to_study(e, ann_path, images_dir, split, i, all_images)
                for i, e in enumerate(entries)]
     _check_unique_ids(studies, ann_path, split)
-    return _check_images(studies, ann_path, skip_missing_images)
+    return _check_images(studies, ann_path, skip_missing_images) if check_images else studies
 
 
 def _check_unique_ids(studies: list[Study], ann_path: str, split: str) -> None:

@@ -153,3 +153,17 @@ def test_command_line_prints_the_baselines_of_a_demo_split(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "demo test: 6 studies" in out and trivial_sentence(scores) in out
     assert scores["ce_micro/f1"] == 1.0  # the first row: the references scored against themselves
+
+
+def test_training_reports_are_read_without_opening_a_training_image(tmp_path):
+    """The baselines need the training split's reports only: no image of it is opened (a training
+    split of MIMIC-CXR has hundreds of thousands), so one that is missing does not stop them."""
+    import os
+
+    from mrgr1 import baselines, data, synthetic
+    root = synthetic.generate(str(tmp_path / "demo"), n_train=8, n_val=0, n_test=2, image_size=28)
+    studies = data.load_split("demo", root, "train")
+    os.remove(studies[3].image_paths[0])
+    assert baselines.training_reports("demo", root) == [s.report for s in studies]
+    with pytest.raises(data.DataError, match="image not found"):
+        data.load_split("demo", root, "train")  # what training reads still checks every image
