@@ -76,20 +76,5 @@ def read_safetensors(path: str, advice: str, *, error: type[Exception] = FileErr
                     f"({os.path.getsize(path)} bytes); {advice}") from None
 
 
-def safetensors_shapes(path: str, advice: str, *, error: type[Exception] = FileError) -> dict[str, tuple]:
-    """{name: shape} from a safetensors file's header, without reading the tensors; the file's
-    size is checked against the header so that a file cut short is caught here too."""
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise error(f"{path} not found; {advice}")
-    try:
-        with safe_open(path, "pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise error(f"{path} is not a readable safetensors file ({_short(e)}): truncated or damaged "
-                    f"({os.path.getsize(path)} bytes); {advice}") from None
-
-
 def _short(e: Exception) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
