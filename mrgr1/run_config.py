@@ -122,6 +122,8 @@ class RunConfig:
                                "and clipping acts)", demo=2, check=AT_LEAST_1)
     grad_accum: int = knob(1, "GRPO", "micro-batches per optimizer step: a step's B x G rollouts (per rank) "
                            "split into this many", check=AT_LEAST_1)
+    shared_prompt: bool = knob(True, "GRPO", "run each study's prompt through the decoder once for its G "
+                               "completions in the reference pass and the updates (exact; shared_prompt.py)")
     # ---- SFT warm start
     sft_steps: int = knob(0, "SFT", "teacher-forced warm-start steps before GRPO", demo=1000, check=AT_LEAST_0)
     sft_lr: float = knob(1e-5, "SFT", "SFT learning rate", demo=3e-3, check=ABOVE_0)
@@ -263,7 +265,9 @@ def add_flags(parser: argparse.ArgumentParser, names=None, help_overrides: dict 
         if f.metadata["demo"] is not dataclasses.MISSING:
             default += f"; demo {format_value(f.metadata['demo'])}"
         text = f"{shown} ({default})" if default and f.type != "bool" else shown
-        if f.type == "bool":  # a switch: off unless given (None = not given, so the preset decides)
+        if f.type == "bool" and f.default:  # on unless --no-<name> (None = not given: the preset decides)
+            groups[group].add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.type == "bool":  # a switch: off unless given
             groups[group].add_argument(flag(name), action="store_const", const=True, default=None, help=text)
         else:
             groups[group].add_argument(flag(name), type=_parse_type(f), default=None, help=text.replace("%", "%%"),

@@ -7,10 +7,11 @@ DeepSeekMath, arXiv 2402.03300), `grpo_step` line for line:
     2 rollout      --generate: G samples each, KV cache--> completions [B*G, C]          (generate.py)
     3 reward       --decode, extract <report>, label--> R [B*G] = 0.75 MCCS + 0.25 format (rewards.py)
     4 advantages   --group_advantages--> A [B*G]                                         (grpo.py)
-       inputs      [prompt | completion] rows; the vision tower encodes each study's views once here
-                   for every later pass (reference, mu updates), its G rows sharing the features
-                   (`rollout_inputs`; the rollout's prefill encoded them once too)
-    5 reference    --token_logps with the adapters off--> pi_ref [B*G, C]                 (lora.py)
+       rollout     the vision tower encodes each study's views once here, for every later pass
+                   (reference, mu updates) of its G rows (`encode_views`)
+    5 reference    --log-probs with the adapters off--> pi_ref [B*G, C]                  (lora.py)
+                   (`completion_logps`: each study's prompt through the decoder once for its G
+                   completions, shared_prompt.py; exact, as the rows [prompt | completion])
     6 update       mu times: log-probs (the first pass is pi_old), `policy_loss` per micro-batch,
                    backward; sum the gradients over ranks; clip; AdamW                   (grpo.py)
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import distributed, grpo, lora
+from . import distributed, grpo, lora, shared_prompt
 from .data import Study
 from .generate import generate
 from .rewards import compute_rewards
@@ -44,18 +45,19 @@ from .run_config import RunConfig
 class Rollout:
     """B studies x G completions: what one GRPO step sampled, scored and trains on.
 
-    Row i is completion i % G of study i // G (generate's order). The model inputs are the rows
-    `[left-padded prompt | completion, right padded]`, so every completion is the last C columns
-    and `model.token_logps(**rollout.inputs(rows), logits_to_keep=C)` scores it.
+    Row i is completion i % G of study i // G (generate's order). `prompts` holds each study's
+    prompt once; a forward takes the rows it scores as `inputs(rows)` (each prompt repeated for its
+    rows: `[left-padded prompt | completion, right padded]`, scored by `model.token_logps(...,
+    logits_to_keep=C)`) or as `studies(rows)` (each prompt once, for shared_prompt.py).
     """
-    input_ids: torch.Tensor                 # [N, P+C]
-    attention_mask: torch.Tensor            # [N, P+C] 0 on left padding and after EOS
+    prompts: dict                           # the B prompts as encoded (prompts.py): input_ids,
+                                            # attention_mask [B, P], images_per_prompt [B], image_grid_thw
+                                            # [n_images, 3], and pixel_values [n_patches, D_patch] (the
+                                            # tower trains) or image_features [n_image_tokens, D] with
+                                            # image_tokens_per_prompt [B] (frozen tower, encoded once)
+    completions: torch.Tensor               # [N, C] sampled token ids, right padded
     completion_mask: torch.Tensor           # [N, C] 1 on completion tokens, EOS included
-    image_grid_thw: torch.Tensor | None     # [n_images, 3] (t, h, w) patches, images in row order
-    images_per_row: torch.Tensor | None     # [N] views of row i's study
-    pixel_values: torch.Tensor | None       # [n_patches, D_patch]: when the vision tower trains
-    image_features: torch.Tensor | None     # [n_image_tokens, D]: frozen tower, encoded once per study
-    image_tokens_per_row: torch.Tensor | None  # [N] image tokens of row i (with image_features)
+    group_size: int                         # G
     texts: list[str]                        # [N] decoded completions
     truncated: torch.Tensor                 # [N] bool: hit max_new_tokens without EOS
     rewards: torch.Tensor                   # [N] R_i = w * content + w_f * format
@@ -67,22 +69,51 @@ class Rollout:
     old_logps: torch.Tensor | None = None   # [N, C] pi_old: the first update's log-probs (step 6)
     ref_logps: torch.Tensor | None = None   # [N, C] pi_ref (adapters off); None when beta == 0
 
-    def inputs(self, rows: slice) -> dict:
-        """Model inputs (input_ids, attention_mask and the images) of a contiguous slice of rows."""
-        a, b = rows.start, rows.stop
-        out = {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows],
-               "pixel_values": None, "image_grid_thw": None}
-        if self.image_grid_thw is None:
-            return out
-        first, last = int(self.images_per_row[:a].sum()), int(self.images_per_row[:b].sum())
-        out["image_grid_thw"] = self.image_grid_thw[first:last]
-        if self.image_features is not None:
-            tokens = self.image_tokens_per_row
-            out["image_features"] = self.image_features[int(tokens[:a].sum()):int(tokens[:b].sum())]
+    def studies(self, rows: slice) -> tuple[dict, torch.Tensor]:
+        """The prompts of the studies that a contiguous slice of rows belongs to, each once (model
+        inputs), and index [n]: row -> its study among them. Rows may start and end inside a group."""
+        G, p = self.group_size, self.prompts
+        first, last = rows.start // G, (rows.stop - 1) // G + 1
+        index = torch.arange(rows.start, rows.stop, device=self.completions.device) // G - first    # [n]
+        out = {"input_ids": p["input_ids"][first:last], "attention_mask": p["attention_mask"][first:last],
+               "pixel_values": None, "image_grid_thw": None, "image_features": None}
+        if p.get("image_grid_thw") is None:
+            return out, index
+        images = span(p["images_per_prompt"], first, last)
+        out["image_grid_thw"] = p["image_grid_thw"][images]
+        if p.get("image_features") is not None:
+            out["image_features"] = p["image_features"][span(p["image_tokens_per_prompt"], first, last)]
         else:
-            patches = self.image_grid_thw.prod(-1)
-            out["pixel_values"] = self.pixel_values[int(patches[:first].sum()):int(patches[:last].sum())]
+            out["pixel_values"] = p["pixel_values"][span(p["image_grid_thw"].prod(-1), images.start, images.stop)]
+        return out, index
+
+    def inputs(self, rows: slice) -> dict:
+        """Model inputs of a contiguous slice of rows: each row's prompt (and views) repeated, joined to
+        its completion -> input_ids, attention_mask [n, P+C] and the images, in row order."""
+        study, index = self.studies(rows)
+        out = {"input_ids": torch.cat([study["input_ids"][index], self.completions[rows]], 1),
+               "attention_mask": torch.cat([study["attention_mask"][index], self.completion_mask[rows]], 1),
+               "pixel_values": None, "image_grid_thw": None}
+        if study["image_grid_thw"] is None:
+            return out
+        rows_of = torch.bincount(index).tolist()                              # rows of each study here
+        first = rows.start // self.group_size
+        views = self.prompts["images_per_prompt"][first:first + len(rows_of)].tolist()
+        grids = study["image_grid_thw"].split(views)                          # each study's views
+        out["image_grid_thw"] = torch.cat([g for g, n in zip(grids, rows_of) for _ in range(n)])
+        if study["image_features"] is not None:
+            tokens = self.prompts["image_tokens_per_prompt"][first:first + len(rows_of)].tolist()
+            blocks = study["image_features"].split(tokens)
+            out["image_features"] = torch.cat([f for f, n in zip(blocks, rows_of) for _ in range(n)])
+        else:
+            blocks = study["pixel_values"].split([int(g.prod(-1).sum()) for g in grids])
+            out["pixel_values"] = torch.cat([b for b, n in zip(blocks, rows_of) for _ in range(n)])
         return out
+
+
+def span(counts: torch.Tensor, first: int, last: int) -> slice:
+    """Where items first .. last-1 sit when item i holds counts[i] consecutive entries."""
+    return slice(int(counts[:first].sum()), int(counts[:last].sum()))
 
 
 # ----------------------------------------------------------------------------- 2. rollout
@@ -128,35 +159,18 @@ def score_completions(texts: list[str], studies: list[Study], labeler, cfg: RunC
 
 # ----------------------------------------------------------------------------- 4. the update's inputs
 
-def rollout_inputs(model, prompts: dict, completions: torch.Tensor, completion_mask: torch.Tensor, G: int) -> dict:
-    """The Rollout's model inputs: each prompt repeated G times, joined to its completions.
-
-    With a frozen vision tower (LoRA on the decoder) each study's views are encoded once here and
-    its G rows share the features in every later forward (reference and updates), instead of
-    running the tower B*G times in each. A tower that trains gets the patches, repeated G times."""
+def encode_views(model, prompts: dict) -> dict:
+    """The prompts as the Rollout keeps them: with a frozen vision tower (LoRA on the decoder) each
+    study's views are encoded once here, and every later forward (reference, mu updates) takes
+    these features instead of running the tower again for each of the study's G rows. A tower that
+    trains keeps the pixels (it must run with grad)."""
     frozen = not any(p.requires_grad for p in model.model.visual.parameters())
-    has_images = prompts.get("pixel_values") is not None
-    per_prompt = prompts["images_per_prompt"].tolist() if has_images else []                 # views of study b
-    out = {"input_ids": torch.cat([prompts["input_ids"].repeat_interleave(G, 0), completions], 1),  # [N, P+C]
-           "attention_mask": torch.cat([prompts["attention_mask"].repeat_interleave(G, 0), completion_mask], 1),
-           "completion_mask": completion_mask, "image_grid_thw": None, "images_per_row": None,
-           "pixel_values": None, "image_features": None, "image_tokens_per_row": None}
-    if not has_images:
-        return out
-    grids = torch.split(prompts["image_grid_thw"], per_prompt)                                # study b's grids
-    out["image_grid_thw"] = torch.cat([g for g in grids for _ in range(G)])
-    out["images_per_row"] = prompts["images_per_prompt"].repeat_interleave(G)
-    if frozen:
-        with torch.no_grad():
-            features = model.image_features(prompts["pixel_values"], prompts["image_grid_thw"])  # [tokens, D]
-        tokens = (prompts["input_ids"] == model.cfg.image_token_id).sum(1)                     # [B]
-        out["image_features"] = torch.cat([f for f in features.split(tokens.tolist()) for _ in range(G)])
-        out["image_tokens_per_row"] = tokens.repeat_interleave(G).cpu()
-    else:
-        patches = [int(g.prod(-1).sum()) for g in grids]                                      # study b's patches
-        blocks = torch.split(prompts["pixel_values"], patches)
-        out["pixel_values"] = torch.cat([b for b in blocks for _ in range(G)])
-    return out
+    if prompts.get("pixel_values") is None or not frozen:
+        return dict(prompts)
+    with torch.no_grad():
+        features = model.image_features(prompts["pixel_values"], prompts["image_grid_thw"])    # [tokens, D]
+    tokens = (prompts["input_ids"] == model.cfg.image_token_id).sum(1).cpu()                      # [B]
+    return {**prompts, "pixel_values": None, "image_features": features, "image_tokens_per_prompt": tokens}
 
 
 def micro_batches(n: int, grad_accum: int) -> list[slice]:
@@ -170,12 +184,24 @@ def micro_batches(n: int, grad_accum: int) -> list[slice]:
 
 # ----------------------------------------------------------------------------- 5. reference
 
-def rollout_logps(model, rollout: Rollout, slices: list[slice], temperature: float) -> torch.Tensor:
+def completion_logps(model, rollout: Rollout, rows: slice, temperature: float, shared: bool) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) of the completions of a slice of rows, at the sampling temperature -> [n, C].
+    shared: each study's prompt runs through the decoder once for its rows (shared_prompt.py, exact);
+    else every row is the whole [prompt | completion]."""
+    if not shared:
+        return model.token_logps(**rollout.inputs(rows), logits_to_keep=rollout.completions.shape[1],
+                                 temperature=temperature)
+    study, index = rollout.studies(rows)
+    return shared_prompt.completion_logps(
+        model, study["input_ids"], study["attention_mask"], rollout.completions[rows], rollout.completion_mask[rows],
+        index, study["pixel_values"], study["image_grid_thw"], image_features=study["image_features"],
+        temperature=temperature)
+
+
+def rollout_logps(model, rollout: Rollout, slices: list[slice], temperature: float, shared: bool) -> torch.Tensor:
     """log pi(o_t) of every completion token under `model`, without grad -> [N, C]."""
-    width = rollout.completion_mask.shape[1]
     with torch.no_grad():
-        return torch.cat([model.token_logps(**rollout.inputs(rows), logits_to_keep=width, temperature=temperature)
-                          for rows in slices])
+        return torch.cat([completion_logps(model, rollout, rows, temperature, shared) for rows in slices])
 
 
 # ----------------------------------------------------------------------------- one GRPO step
@@ -210,7 +236,7 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     if cfg.scale_rewards == "batch":  # ranks: the std of every rank's rewards
         batch_std = float(distributed.gather_rows(rewards.to(device)).float().std())
     advantages = grpo.group_advantages(rewards, G, scale=cfg.scale_rewards, batch_std=batch_std)
-    rollout = Rollout(**rollout_inputs(model, prompts, completions, completion_mask, G), texts=texts,
+    rollout = Rollout(encode_views(model, prompts), completions, completion_mask, G, texts=texts,
                       truncated=truncated, rewards=rewards, reward_terms=reward_terms,
                       advantages=advantages.to(device), **details)
 
@@ -219,7 +245,7 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     slices = micro_batches(len(rewards), cfg.grad_accum)
     if cfg.beta != 0:
         with lora.reference_policy(model, ref_model) as ref_net:
-            rollout.ref_logps = rollout_logps(ref_net, rollout, slices, cfg.temperature)
+            rollout.ref_logps = rollout_logps(ref_net, rollout, slices, cfg.temperature, cfg.shared_prompt)
 
     # ---- 6. mu updates: policy_loss over micro-batches, backward; sum gradients; clip; AdamW
     loss_mask = rollout.completion_mask.float()                                        # [B*G, C]
@@ -236,8 +262,7 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
         optimizer.zero_grad(set_to_none=True)
         update = {"loss": 0.0}
         for k, rows in enumerate(slices):
-            logps = model.token_logps(**rollout.inputs(rows), logits_to_keep=loss_mask.shape[1],
-                                      temperature=cfg.temperature)                     # [n, C], with grad
+            logps = completion_logps(model, rollout, rows, cfg.temperature, cfg.shared_prompt)  # [n, C], grad
             if iteration == 0:  # no optimizer step yet: these are pi_old (so r = 1 in this update)
                 old_logps.append(logps.detach())
             loss, stats = grpo.policy_loss(

@@ -34,7 +34,7 @@ from mrgr1.files import ModelFolderError, read_json, read_safetensors
 from mrgr1.language import KVCache, TextModel
 from mrgr1.vision import VisionTransformer
 
-__all__ = ["Qwen2_5_VL", "KVCache", "decode_position_ids"]
+__all__ = ["Qwen2_5_VL", "KVCache", "chunked_logps", "decode_position_ids"]
 
 
 def decode_position_ids(rope_deltas: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -231,9 +231,15 @@ class Qwen2_5_VL(nn.Module):
                                     image_features=image_features)  # [B, T, D]
         h = hidden[:, -k - 1:-1].reshape(-1, hidden.shape[-1])  # position t-1 predicts token t  [B*k, D]
         targets = input_ids[:, -k:].reshape(-1)  # [B*k]
-        out = [ChunkLogps.apply(h[s:s + chunk_size], self.lm_head.weight, targets[s:s + chunk_size], temperature)
-               for s in range(0, h.shape[0], chunk_size)]  # each [c]
-        return torch.cat(out).view(input_ids.shape[0], k)
+        return chunked_logps(h, self.lm_head.weight, targets, temperature, chunk_size).view(input_ids.shape[0], k)
+
+
+def chunked_logps(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  chunk_size: int) -> torch.Tensor:
+    """log_softmax(h W^T / temperature)[targets], `chunk_size` positions at a time (`ChunkLogps`):
+    h [M, D], weight [V, D], targets [M] -> [M] fp32."""
+    return torch.cat([ChunkLogps.apply(h[s:s + chunk_size], weight, targets[s:s + chunk_size], temperature)
+                      for s in range(0, h.shape[0], chunk_size)])
 
 
 class ChunkLogps(torch.autograd.Function):

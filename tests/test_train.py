@@ -214,14 +214,14 @@ def test_rollout_reuses_each_prompts_image_features_for_its_g_rows(demo_root, tm
     prompts = PromptEncoder(processor, *WORDING[:2])(studies)
     completions = torch.randint(0, 50, (6, 4))
     cmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]] * 2)             # [B*G, C]
-    from_pixels = trainer.rollout_inputs(model, prompts, completions, cmask, 3)          # tower trains
+    from_pixels = trainer.encode_views(model, prompts)                                  # tower trains
     lora.apply_lora(model, rank=4, alpha=8, dropout=0.05)
-    from_features = trainer.rollout_inputs(model, prompts, completions, cmask, 3)       # tower frozen
+    from_features = trainer.encode_views(model, prompts)                                # tower frozen
     assert from_features["pixel_values"] is None and from_features["image_features"] is not None
-    assert from_pixels["image_features"] is None and from_pixels["pixel_values"] is not None
+    assert from_pixels.get("image_features") is None and from_pixels["pixel_values"] is not None
 
-    def rollout(inputs):
-        return trainer.Rollout(**inputs, texts=[""] * 6, truncated=torch.zeros(6, dtype=torch.bool),
+    def rollout(prompts):
+        return trainer.Rollout(prompts, completions, cmask, 3, texts=[""] * 6, truncated=torch.zeros(6, dtype=torch.bool),
                                rewards=torch.zeros(6), reward_terms={}, advantages=torch.zeros(6))
     a, b = rollout(from_features), rollout(from_pixels)
     with torch.no_grad():
@@ -253,7 +253,8 @@ def test_pi_old_is_a_no_grad_pass_of_the_weights_that_sampled(demo_root, tmp_pat
     stats, rollout = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies, labels.RuleLabeler(), optimizer, scheduler,
                                        cfg, torch.Generator().manual_seed(0), **pipeline.special_ids(processor))
     sampler.eval()
-    expected = trainer.rollout_logps(sampler, rollout, trainer.micro_batches(6, 1), cfg.temperature)
+    expected = trainer.rollout_logps(sampler, rollout, trainer.micro_batches(6, 1), cfg.temperature,
+                                      shared=False)
     assert rollout.old_logps.shape == rollout.completion_mask.shape
     assert torch.allclose(rollout.old_logps, expected, atol=1e-6)
     assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), sampler.parameters())
@@ -379,7 +380,7 @@ def test_one_step_raises_the_completions_with_positive_advantage_and_lowers_the_
                                    labels.RuleLabeler(), optimizer, scheduler, cfg, torch.Generator().manual_seed(0),
                                    **pipeline.special_ids(processor))
     model.eval()
-    after = trainer.rollout_logps(model, rollout, [slice(0, 8)], cfg.temperature)         # [B*G, C]
+    after = trainer.rollout_logps(model, rollout, [slice(0, 8)], cfg.temperature, shared=False)  # [B*G, C]
     mask = rollout.completion_mask.float()
     change = ((after - rollout.old_logps) * mask).sum(1) / mask.sum(1)                   # [B*G]
     A = rollout.advantages
