@@ -144,6 +144,13 @@ def attention_mask_4d(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     return mask[:, None]
 
 
+def padded_on_the_right_only(attention_mask: torch.Tensor) -> bool:
+    """Every row is 1 ... 1 0 ... 0 (no left padding): then a causal mask alone gives every real
+    position exactly its keys (the padding after it is in its future), and only padding positions,
+    whose outputs are never used, see other padding. attention_mask [B, L] (one host sync)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with biased q/k/v projections and M-RoPE."""
 
@@ -168,8 +175,21 @@ class Attention(nn.Module):
         if T == 1:  # decoding: the query heads of a KV group become that group's queries
             out = grouped_query_step(q, k, v, mask)  # [B, H, 1, hd]
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, hd]
+            out = attend(q, k, v, mask)  # [B, H, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q, k, v, mask):
+    """Attention of q [B, H, T, hd] over k, v [B, Hkv, L, hd] (GQA) on a fused kernel that never holds
+    the [B, H, T, L] scores. mask None: plain causal, T == L (no padding to hide) -> the flash kernel,
+    which takes GQA but no mask. A boolean mask [B, 1, T, L]: on CUDA the KV heads are repeated first,
+    as the memory-efficient kernel takes a mask but not GQA (with both, SDPA falls back to the math
+    kernel, which materialises the scores in fp32); the CPU's flash kernel takes both as they are."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if q.is_cuda and k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))  # [B, H, L, hd]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def grouped_query_step(q, k, v, mask):
@@ -225,10 +245,13 @@ class TextModel(nn.Module):
         -> normed hidden states [B, T, D]. Writes kv_cache but does not advance its `length`:
         Qwen2_5_VL.hidden_states does that."""
         cos, sin = mrope_cos_sin(position_ids, self.cfg)  # [B, 1, T, hd] each
+        T = inputs_embeds.shape[1]
         if attention_mask.dim() == 4:
             mask = attention_mask
+        elif T > 1 and attention_mask.shape[1] == T and padded_on_the_right_only(attention_mask):
+            mask = None  # causal alone hides nothing a real position could see: a fast kernel serves it
         else:
-            mask = attention_mask_4d(attention_mask, inputs_embeds.shape[1])  # [B, 1, T, L]
+            mask = attention_mask_4d(attention_mask, T)  # [B, 1, T, L]
         x = inputs_embeds
         for layer in self.layers:
             if checkpoint_layers:

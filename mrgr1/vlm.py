@@ -167,7 +167,8 @@ class Qwen2_5_VL(nn.Module):
             raise ValueError("image_features given without image_grid_thw: the M-RoPE positions need each "
                              "image's (t, h, w)")
         if image_features is None and pixel_values is None:
-            if is_image.any():
+            if input_ids.shape[1] > 1 and is_image.any():  # (not per decode step: a host sync; generate
+                                                           # never samples <|image_pad|>)
                 raise ValueError(f"input_ids contain {int(is_image.sum())} <|image_pad|> tokens but neither "
                                  "pixel_values nor image_features")
             return embeds

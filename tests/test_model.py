@@ -417,3 +417,88 @@ def test_vision_tower_matches_transformers_on_mixed_sizes_and_two_frames(untied,
         out = ours.model.visual(pv, grid)
     assert out.shape == ref.shape == (6 + 24 + 30 + 6, 64)
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------- attention kernels
+
+class SdpaCalls(TorchFunctionMode):
+    """Records the attn_mask / is_causal of every scaled_dot_product_attention call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal", False)))
+        return func(*args, **kwargs)
+
+
+def test_rows_padded_on_the_right_only_attend_causally_without_a_mask(ours):
+    """No left padding: SDPA gets no mask (is_causal: the fast kernels take it), and every real
+    position's output equals the one under the explicit padding mask."""
+    from mrgr1.language import attention_mask_4d
+    ids = torch.randint(0, VOCAB - 10, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])  # row 1 right padded (a finished completion)
+    decoder, embeds = ours.model.language_model, ours.embed(ids)
+    positions = ours.rope_index(ids, mask)[0]
+    with torch.no_grad(), SdpaCalls() as spy:
+        got = decoder(embeds, positions, mask)
+    assert len(spy.calls) == 2 and all(m is None and causal for m, causal in spy.calls)
+    with torch.no_grad(), SdpaCalls() as spy:
+        expected = decoder(embeds, positions, attention_mask_4d(mask, 7))  # a ready mask is used as given
+    assert all(m is not None for m, _ in spy.calls)
+    assert (got - expected)[mask.bool()].abs().max() <= 1e-5
+
+
+def test_left_padded_rows_keep_their_mask(ours):
+    ids, mask, pv, grid = image_batch()
+    with torch.no_grad(), SdpaCalls() as spy:
+        ours(ids, mask, pv, grid)
+    decoder_calls = spy.calls[-ours.cfg.text.num_hidden_layers:]
+    assert all(m is not None and m.shape == (2, 1, ids.shape[1], ids.shape[1]) for m, _ in decoder_calls)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor -> Python reads (bool(), item(), tolist()) that would sync a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("__bool__", "item", "tolist", "__int__", "__float__"):
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_decode_step_reads_nothing_back_from_the_device(ours):
+    from mrgr1.generate import decode_one_token
+    ids, mask, pv, grid = image_batch()
+    position_ids, deltas = ours.rope_index(ids, mask, grid)
+    cache = KVCache.for_model(ours, 2, ids.shape[1] + 4)
+    with torch.no_grad():
+        ours(ids, mask, pv, grid, position_ids=position_ids, kv_cache=cache, logits_to_keep=1)
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        positions = decode_position_ids(deltas, cache.length, 1)[0, :, 0]
+        with HostReads() as spy:
+            decode_one_token(ours, torch.tensor([3, 4]), step_mask, positions, cache)
+    assert spy.reads == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's kernel choice")
+def test_on_cuda_masked_gqa_attention_runs_on_the_memory_efficient_kernel_and_causal_on_flash():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from mrgr1.language import attend, attention_mask_4d
+    q = torch.randn(2, 8, 16, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 16, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = attention_mask_4d(torch.tensor([[0, 0] + [1] * 14, [1] * 16], device="cuda"), 16)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # raises if it cannot serve the call
+        masked = attend(q, k, v, mask)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        causal = attend(q, k, v, None)
+    with sdpa_kernel([SDPBackend.MATH]):
+        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    assert (masked.float() - expected)[1].abs().max() < 2e-2 and causal.shape == masked.shape
