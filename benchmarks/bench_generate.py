@@ -25,6 +25,13 @@ weights + the KV cache at the run's mean length, `decode_bytes`) divided by the 
 bandwidth (--bandwidth-tbs: a number from the card's data sheet, or 'measure' for a device
 copy; required on CUDA).
 
+--draw-only times the sampling draw alone instead, at --draw-rows rows (default 32 = 4 studies x
+8 samples) over the vocabulary (default 151,936): `generate.draw` (a two-level inverse CDF) against
+the exponential race it replaced (argmax p_i / E_i, E_i ~ Exp(1): one exponential per id, kept
+here as `exponential_race`), both on the same float32 probabilities, in ms per call (median of
+--draw-calls calls after 5 warm-up calls) and their ratio:
+    PYTHONPATH=. python benchmarks/bench_generate.py --draw-only --threads 1
+
 Run from the repository root (CPU, the default config: 4 layers, hidden 256, vocab 151936,
 2 prompts x 8 samples x 64 tokens, one 224x224 image per prompt, fp32):
     PYTHONPATH=. python benchmarks/bench_generate.py --threads 1
@@ -42,7 +49,7 @@ import torch
 import transformers
 
 from mrgr1.config import preset
-from mrgr1.generate import generate
+from mrgr1.generate import draw, generate
 from mrgr1.vlm import Qwen2_5_VL
 
 # The default benchmark model: the "tiny" preset widened to 4 layers x hidden 256 (ours).
@@ -183,6 +190,32 @@ def path_line(path: str, result: dict, done: dict, rows: int, args, ours, prompt
     return line, mismatch
 
 
+def exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The draw generate used before: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with
+    probability p_i, at the cost of one exponential per id. [R, V] -> [R]."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race.clamp_min_(1e-20)).argmax(dim=-1)
+
+
+def measure_draw(args, vocab: int) -> None:
+    """Print ms per call of `generate.draw` and of `exponential_race` on the same [rows, vocab]
+    float32 probabilities (a softmax of N(0, 3^2) logits), and the ratio."""
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    logits = torch.randn(args.draw_rows, vocab, device=args.device, generator=generator) * 3
+    probs = torch.softmax(logits, dim=-1)                                        # [R, V] float32
+    print(f"draw alone: {args.draw_rows} rows x {vocab} ids, float32 probabilities, {args.device}, "
+          f"{torch.get_num_threads()} threads; median of {args.draw_calls} calls", flush=True)
+    medians = {}
+    for name, fn in (("exponential race", exponential_race), ("generate.draw", draw)):
+        for _ in range(5):
+            fn(probs, generator)
+        times = [timed(lambda: fn(probs, generator), args.device)[1] for _ in range(args.draw_calls)]
+        medians[name] = statistics.median(times)
+        print(f"{name:>18}: {medians[name] * 1e3:8.3f} ms a call", flush=True)
+    print(f"generate.draw is {medians['exponential race'] / medians['generate.draw']:.1f}x faster "
+          f"than the exponential race")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", help="tiny (widened as BENCH_OVERRIDES) or a real preset")
@@ -202,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory bandwidth for the roofline, TB/s, or 'measure' (a device copy); "
                          "required on CUDA, optional on the CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--draw-only", action="store_true",
+                    help="time the sampling draw alone (generate.draw vs the exponential race), no model")
+    ap.add_argument("--draw-rows", type=int, default=32, help="rows of the draw-only measurement")
+    ap.add_argument("--draw-calls", type=int, default=50, help="timed calls of each draw (--draw-only)")
     return ap
 
 
@@ -210,6 +247,8 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.draw_only:
+        return measure_draw(args, args.vocab or preset(args.preset).text.vocab_size)
     cuda = args.device.startswith("cuda")
     if cuda and args.bandwidth_tbs is None:
         ap.error("--bandwidth-tbs is required on CUDA: the card's memory bandwidth in TB/s (from its "

@@ -10,7 +10,8 @@ most of the wall time. This generator
    the prompt never run G times;
 3. decodes one token per step for all B*G rows at once, each row at its own M-RoPE
    position (1 + the largest position of its prompt, + the step), sampling with
-   temperature / top-k / top-p from an optional `torch.Generator`. The step read here is the
+   temperature / top-k / top-p from an optional `torch.Generator` (`draw`: a two-level inverse
+   CDF, one pair of uniforms per row, exact, no host sync). The step read here is the
    eager one (`eager_step`: the cache sliced to its filled columns); `decode="static"` and
    `decode="graph"` swap in a static-shape step, recorded as a CUDA graph on CUDA, from
    `mrgr1/fast_decode.py`: a module of its own, not needed to follow this one. All give the
@@ -62,6 +63,9 @@ DECODE_MODES = ("auto", "eager", "static", "graph")
 # Compact the batch (go on with the running rows only) once at most this share of its rows runs:
 # the finished rows then cost nothing; copying the running rows' cache costs one read of it.
 COMPACT_AT = 0.5
+# draw's first level: the vocabulary is cut into blocks of this many ids, a block chosen by its
+# mass, then an id inside it: at V = 151,936 both levels are small (149 blocks, 1,024 ids).
+DRAW_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -99,13 +103,57 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
     return torch.softmax(logits, dim=-1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One categorical draw per row by an exponential race: argmax_i p_i / E_i with
-    E_i ~ Exp(1) picks i with probability p_i, and needs no host sync (unlike
-    torch.multinomial on a GPU). [R, V] -> [R]."""
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    # Exp(1) can return exactly 0 on some backends; 0/0 would be NaN and win argmax.
-    return (probs / race.clamp_min_(1e-20)).argmax(dim=-1)
+def draw(probs: torch.Tensor, generator: torch.Generator | None, block: int = DRAW_BLOCK) -> torch.Tensor:
+    """One categorical draw per row, P(i) = probs[i] / sum(probs): a two-level inverse CDF.
+    probs [R, V] >= 0, any row total (renormalised here) -> [R] long.
+
+    The vocabulary is cut into blocks of `block` ids (the last one shorter); one uniform picks a
+    block with probability proportional to its mass m_b, a second one an id inside it in
+    proportion to its weight: P(i) = m_b / M * p_i / m_b = p_i / M, exact in distribution.
+    Why two levels: a float32 running sum over 151,936 ids rounds each small weight after a
+    large one to the running sum's ulp (ids of p < 3e-8 after a 0.99 id get no interval at all),
+    and a float64 cumsum of the whole row costs a float64 copy of [R, V]. Here the only pass over
+    the row is the float32 sum of each block (1,024 ids, reduced pairwise: relative error ~1e-7,
+    the precision of the float32 probabilities themselves); the block CDF [R, V / block] and the
+    chosen block's CDF [R, block] are float64. One pair of uniforms per row, where an exponential
+    race (argmax p_i / E_i) takes V exponentials (the two timed: benchmarks/bench_generate.py
+    --draw-only); no host sync (unlike torch.multinomial on a GPU) and static shapes, so a CUDA
+    graph replays it. An id of weight 0 (suppressed, filtered) is never drawn: `first_above`.
+    """
+    uniforms = torch.rand(probs.shape[0], 2, dtype=torch.float64, device=probs.device,
+                          generator=generator)                                   # [R, 2]
+    return inverse_cdf(probs, uniforms, block)
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, block: int = DRAW_BLOCK) -> torch.Tensor:
+    """The id of each row that uniforms [R, 2] in [0, 1) choose (column 0 picks the block,
+    column 1 the id inside it), as `draw` describes. probs [R, V] -> [R] long."""
+    rows, vocab = probs.shape
+    block = min(block, vocab)
+    whole = vocab // block * block                                               # ids in full blocks
+    sums = probs[:, :whole].reshape(rows, -1, block).sum(-1)                     # [R, n]
+    if whole < vocab:
+        sums = torch.cat([sums, probs[:, whole:].sum(-1, keepdim=True)], dim=1)  # [R, n+1]
+    chosen = first_above(sums.double(), uniforms[:, :1])                         # [R, 1]
+    ids = chosen * block + torch.arange(block, device=probs.device)              # [R, block]
+    inside = probs.gather(1, ids.clamp(max=vocab - 1)).double().masked_fill(ids >= vocab, 0.0)
+    return ids.gather(1, first_above(inside, uniforms[:, 1:])).squeeze(1)
+
+
+def first_above(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF of each row of weights [R, N] >= 0 at the fraction u [R, 1] in [0, 1) of its
+    total: the first i with cdf[i] > u * total, cdf = cumsum(weights) -> [R, 1].
+
+    right=True is what keeps weight-0 ids out: adding 0 leaves a sum unchanged, so such an id has
+    cdf[i] == cdf[i-1] and owns no interval. A target rounded up to the total (u near 1) is moved
+    just below it, where the last positive id takes it; and whatever a parallel scan's rounding
+    does on a GPU, an index whose weight is 0 is replaced by the row's heaviest id."""
+    cdf = weights.cumsum(-1)                                                     # [R, N]
+    total = cdf[:, -1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    index = torch.searchsorted(cdf, target, right=True).clamp_(max=weights.shape[1] - 1)
+    positive = weights.gather(1, index) > 0
+    return torch.where(positive, index, weights.argmax(-1, keepdim=True))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

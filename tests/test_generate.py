@@ -157,8 +157,10 @@ def test_cached_decoding_logits_equal_full_forward(models, batch):
 def test_logps_are_log_softmax_of_temperature_scaled_logits(models, batch):
     _, model = models
     gen = torch.Generator().manual_seed(3)
+    # The vision ids are suppressed: an <|image_pad|> in a completion would need an image.
     completions, mask, logps = ours(model, batch, 6, num_samples=2, temperature=0.7, top_k=20,
-                                    generator=gen, return_logps=True)
+                                    generator=gen, return_logps=True,
+                                    suppress_token_ids=(IMAGE, IMAGE + 1, VSTART, VEND))
     rows = lambda x: x.repeat_interleave(2, dim=0)  # noqa: E731
     full_ids = torch.cat([rows(batch["input_ids"]), completions], dim=1)
     full_mask = torch.cat([rows(batch["attention_mask"]), mask], dim=1)

@@ -384,7 +384,10 @@ def test_one_step_raises_the_completions_with_positive_advantage_and_lowers_the_
     mask = rollout.completion_mask.float()
     change = ((after - rollout.old_logps) * mask).sum(1) / mask.sum(1)                   # [B*G]
     A = rollout.advantages
-    strong_up, strong_down = A >= 1, A <= -1  # the best and worst of their groups
+    groups = A.view(-1, cfg.num_generations)                                            # [B, G]
+    spread = (groups.amax(1) > groups.amin(1))[:, None]                                 # [B, 1]
+    strong_up = ((groups == groups.amax(1, keepdim=True)) & spread).view(-1)  # the best and worst of
+    strong_down = ((groups == groups.amin(1, keepdim=True)) & spread).view(-1)  # their groups
     assert strong_up.any() and strong_down.any()
     assert (change[strong_up] > 0).all() and (change[strong_down] < 0).all(), (change, A)
     # completions share tokens (the format, common phrases), so a weakly negative one can be lifted
