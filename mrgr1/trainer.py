@@ -48,7 +48,7 @@ class Rollout:
     Row i is completion i % G of study i // G (generate's order). `prompts` holds each study's
     prompt once; a forward takes the rows it scores as `inputs(rows)` (each prompt repeated for its
     rows: `[left-padded prompt | completion, right padded]`, scored by `model.token_logps(...,
-    logits_to_keep=C)`) or as `studies(rows)` (each prompt once, for shared_prompt.py).
+    logits_to_keep=C)`) or as `prompts_of(rows)` (each prompt once, for shared_prompt.py).
     """
     prompts: dict                           # the B prompts as encoded (prompts.py): input_ids,
                                             # attention_mask [B, P], images_per_prompt [B], image_grid_thw
@@ -69,7 +69,7 @@ class Rollout:
     old_logps: torch.Tensor | None = None   # [N, C] pi_old: the first update's log-probs (step 6)
     ref_logps: torch.Tensor | None = None   # [N, C] pi_ref (adapters off); None when beta == 0
 
-    def studies(self, rows: slice) -> tuple[dict, torch.Tensor]:
+    def prompts_of(self, rows: slice) -> tuple[dict, torch.Tensor]:
         """The prompts of the studies that a contiguous slice of rows belongs to, each once (model
         inputs), and index [n]: row -> its study among them. Rows may start and end inside a group."""
         G, p = self.group_size, self.prompts
@@ -90,7 +90,7 @@ class Rollout:
     def inputs(self, rows: slice) -> dict:
         """Model inputs of a contiguous slice of rows: each row's prompt (and views) repeated, joined to
         its completion -> input_ids, attention_mask [n, P+C] and the images, in row order."""
-        study, index = self.studies(rows)
+        study, index = self.prompts_of(rows)
         out = {"input_ids": torch.cat([study["input_ids"][index], self.completions[rows]], 1),
                "attention_mask": torch.cat([study["attention_mask"][index], self.completion_mask[rows]], 1),
                "pixel_values": None, "image_grid_thw": None}
@@ -191,7 +191,7 @@ def completion_logps(model, rollout: Rollout, rows: slice, temperature: float, s
     if not shared:
         return model.token_logps(**rollout.inputs(rows), logits_to_keep=rollout.completions.shape[1],
                                  temperature=temperature)
-    study, index = rollout.studies(rows)
+    study, index = rollout.prompts_of(rows)
     return shared_prompt.completion_logps(
         model, study["input_ids"], study["attention_mask"], rollout.completions[rows], rollout.completion_mask[rows],
         index, study["pixel_values"], study["image_grid_thw"], image_features=study["image_features"],
