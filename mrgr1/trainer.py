@@ -14,6 +14,10 @@ DeepSeekMath, arXiv 2402.03300), `grpo_step` line for line:
     6 update       mu times: log-probs (the first pass is pi_old), `policy_loss` per micro-batch,
                    backward; sum the gradients over ranks; clip; AdamW                   (grpo.py)
 
+Each phase ends with `timer.lap(phase)`: its wall seconds go to the step's metrics as
+`timing/<phase>` (prompts, rollout, reward, inputs = step 4, reference, update), with the rollout's
+and the update's tokens per second (mrgr1/timing.py).
+
 Names used throughout: G completions per study (`RunConfig.num_generations`; generate's
 `num_samples`, group_advantages' `group_size`); N = B * G rows; C completion columns;
 `completion_mask` [N, C] is 1 on completion tokens (EOS included), `loss_mask` is the float mask
@@ -38,6 +42,7 @@ from .data import Study
 from .generate import generate
 from .rewards import compute_rewards
 from .run_config import RunConfig
+from .timing import PhaseTimer
 
 
 @dataclass
@@ -193,17 +198,21 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     G, stop_and_pad = cfg.num_generations, dict(eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
     device = next(model.parameters()).device
     model.eval()  # no dropout while sampling and while computing the reference log-probs
+    timer = PhaseTimer(device)  # timer.lap(phase) ends each phase: the step's `timing/` metrics
 
     # ---- 1. prompts: system turn, the study's views, the instruction; left padded        [B, P]
     prompts = encoder(studies, device)
+    timer.lap("prompts")
 
     # ---- 2. rollout: G samples per study (KV cache; the prompt is encoded once)         [B*G, C]
     completions, completion_mask, truncated = sample_completions(
         model, prompts, cfg, generator, G, **stop_and_pad, suppress_token_ids=suppress_token_ids)
+    timer.lap("rollout")
 
     # ---- 3. reward: decode, extract <report>, label, R = 0.75 MCCS + 0.25 format        [B*G]
     texts = decode_completions(processor, completions, completion_mask, pad_token_id)
     rewards, reward_terms, details = score_completions(texts, studies, labeler, cfg, reward_cache)
+    timer.lap("reward")
 
     # ---- 4. group-relative advantages A_i = (R_i - mean_g R) / (std_g R + eps)           [B*G]
     batch_std = None
@@ -213,6 +222,7 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     rollout = Rollout(**rollout_inputs(model, prompts, completions, completion_mask, G), texts=texts,
                       truncated=truncated, rewards=rewards, reward_terms=reward_terms,
                       advantages=advantages.to(device), **details)
+    timer.lap("inputs")
 
     # ---- 5. the reference's log-probs (beta != 0: adapters off)                          [B*G, C]
     #         (pi_old needs no pass of its own: it is the first update's log-probs, step 6)
@@ -220,6 +230,7 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     if cfg.beta != 0:
         with lora.reference_policy(model, ref_model) as ref_net:
             rollout.ref_logps = rollout_logps(ref_net, rollout, slices, cfg.temperature)
+    timer.lap("reference")
 
     # ---- 6. mu updates: policy_loss over micro-batches, backward; sum gradients; clip; AdamW
     loss_mask = rollout.completion_mask.float()                                        # [B*G, C]
@@ -253,7 +264,10 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
         scheduler.step()
         history.append(update)
     rollout.old_logps = torch.cat(old_logps)
-    return {**rollout_stats(rollout, G), **update_stats(history)}, rollout
+    timer.lap("update")
+    timing = timer.stats(rollout_tokens=float(completion_mask.sum()),
+                         update_tokens=float(rollout.attention_mask.sum()) * cfg.num_iterations)
+    return {**rollout_stats(rollout, G), **update_stats(history), **timing}, rollout
 
 
 def accumulate(update: dict, loss: float, stats: dict, share: float) -> None:
