@@ -58,7 +58,7 @@ COLUMNS = (("ce_micro/f1", "CE-F1 micro", 4), ("ce_example/f1", "CE-F1 per repor
            ("bleu_4", "BLEU-4", 4), ("rouge_l", "ROUGE-L", 4), ("mean_length", "length (tokens)", 1))
 # train_grpo.py flags the ablation passes through when given
 TRAIN_KNOBS = ("sft_steps", "steps", "batch_size", "num_generations", "max_new_tokens", "sft_batch_size",
-               "lr", "sft_lr", "beta", "lora_rank", "threads", "dtype", "device")
+               "lr", "sft_lr", "beta", "lora_rank", "threads", "dtype", "device", "decode")
 
 
 class AblationError(RuntimeError):
@@ -199,7 +199,7 @@ def evaluate_row(args, settings, name: str, folder: str, policy: str, adapter: s
            "--weights-dir", args.weights_dir, "--labeler", settings.labeler, "--split", "test",
            "--max-new-tokens", str(settings.max_new_tokens), "--limit", str(eval_limit(args, settings)),
            "--eval-batch-size", str(args.eval_batch_size), "--dtype", settings.dtype, "--output-dir", eval_dir]
-    for key in ("data_root", "chexbert_weights", "device"):
+    for key in ("data_root", "chexbert_weights", "device", "decode"):
         if getattr(args, key) is not None:
             cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     if adapter:

@@ -94,8 +94,8 @@ class Rollout:
 
 def sample_completions(model, prompts: dict, cfg: RunConfig, generator, num_samples: int, *,
                        eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()):
-    """num_samples completions per prompt, sampled at the run's temperature and top-p ->
-    completions, completion_mask [B*G, C], truncated [B*G].
+    """num_samples completions per prompt, sampled at the run's temperature and top-p with its
+    decode step (--decode) -> completions, completion_mask [B*G, C], truncated [B*G].
 
     Columns that no row used are dropped (C <= max_new_tokens); truncated: no EOS within budget."""
     with torch.no_grad():
@@ -103,7 +103,8 @@ def sample_completions(model, prompts: dict, cfg: RunConfig, generator, num_samp
             model, prompts["input_ids"], prompts["attention_mask"], prompts.get("pixel_values"),
             prompts.get("image_grid_thw"), max_new_tokens=cfg.max_new_tokens, num_samples=num_samples,
             temperature=cfg.temperature, top_p=cfg.top_p, eos_token_ids=eos_token_ids,
-            pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids, generator=generator)
+            pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids, generator=generator,
+            decode=cfg.decode)
     width = max(int(completion_mask.sum(1).max()), 1)
     completions, completion_mask = completions[:, :width], completion_mask[:, :width]        # [N, C]
     last = completions.gather(1, (completion_mask.sum(1, keepdim=True) - 1).clamp_min(0))   # [N, 1]
