@@ -122,6 +122,12 @@ class RunConfig:
     mask_truncated: bool = knob(False, "GRPO", "drop completions without EOS from the loss (DAPO)")
     num_iterations: int = knob(1, "GRPO", "updates per batch of rollouts (mu; demo 2, so that the ratio moves "
                                "and clipping acts)", demo=2, check=AT_LEAST_1)
+    dynamic_sampling: bool = knob(False, "GRPO", "drop the groups whose G rewards are all equal (their advantages "
+                                  "are 0) and roll out further studies until B groups differ: DAPO's dynamic "
+                                  "sampling (ours: off until the ablation measures it)")
+    dynamic_sampling_rounds: int = knob(3, "GRPO", "with --dynamic-sampling, the most extra rounds of B studies a "
+                                        "step draws (ours); a step with no informative group after them makes "
+                                        "no update", check=AT_LEAST_0)
     grad_accum: int = knob(1, "GRPO", "micro-batches per optimizer step: a step's B x G rollouts (per rank) "
                            "split into this many", check=AT_LEAST_1)
     # ---- SFT warm start

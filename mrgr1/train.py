@@ -197,6 +197,10 @@ def train(cfg: RunConfig) -> dict:
             trainer_state={"epoch": state["epoch"], "batch": state["batch"],
                            "rng": checkpoint.rng_states(rollout_gen)}, config=vars(cfg))
 
+    def more_studies():  # --dynamic-sampling's extra rounds: the next batches of the same seeded stream,
+        batch = next_batch(len(train_studies), cfg.batch_size, cfg.seed, state)  # saved with the checkpoint
+        return [train_studies[i] for i in distributed.shard(batch)]
+
     interrupted = False
 
     def on_sigint(signum, frame):
@@ -219,7 +223,7 @@ def train(cfg: RunConfig) -> dict:
             t0 = time.perf_counter()  # the clock the step's timing/ phases use
             stats, rollout = trainer.grpo_step(model, processor, encoder, studies, labeler, optimizer, scheduler,
                                                cfg, rollout_gen, ref_model=ref_model, reward_cache=reward_cache,
-                                               **special)
+                                               more_studies=more_studies, **special)
             stats = {"step": step + 1, **distributed.mean_across_ranks(stats),
                      "lr": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - t0}
             interrupted = distributed.any_rank(interrupted)  # every rank stops at the same step
@@ -230,9 +234,12 @@ def train(cfg: RunConfig) -> dict:
                 if log_to:
                     log_to(stats, sample=rollout.texts[0] if sample else None)
             bar.set_postfix(progress_fields(cfg, stats))
+            if stats.get("dynamic/groups", 1) == 0 and distributed.is_main():
+                tqdm.write(f"[step {step + 1}] no group's rewards differ after {stats['dynamic/rounds']:.0f} extra "
+                           f"rounds (--dynamic-sampling-rounds): no update; the learning-rate schedule advanced")
             if sample and distributed.is_main():
                 tqdm.write(f"[step {step + 1}] reward {rollout.rewards[0]:.3f}: {rollout.texts[0][:300]}")
-                rollout_viewer.write_rollout_page(cfg.output_dir, step + 1, rollout, studies, stats)
+                rollout_viewer.write_rollout_page(cfg.output_dir, step + 1, rollout, rollout.studies, stats)
             if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or interrupted) and distributed.is_main():
                 save(step + 1)
             if interrupted:

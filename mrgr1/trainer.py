@@ -33,11 +33,13 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from . import distributed, grpo, lora
+from . import distributed, dynamic_sampling, grpo, lora
 from .data import Study
 from .generate import generate
 from .rewards import compute_rewards
@@ -71,6 +73,7 @@ class Rollout:
     ccs: torch.Tensor | None = None         # [N] CCS before the margin (reward "mccs")
     old_logps: torch.Tensor | None = None   # [N, C] pi_old: the first update's log-probs (step 6)
     ref_logps: torch.Tensor | None = None   # [N, C] pi_ref (adapters off); None when beta == 0
+    studies: list[Study] | None = None      # [B] the studies of the rows (differ from grpo_step's with --dynamic-sampling)
 
     def inputs(self, rows: slice) -> dict:
         """Model inputs (input_ids, attention_mask and the images) of a contiguous slice of rows."""
@@ -88,6 +91,46 @@ class Rollout:
             patches = self.image_grid_thw.prod(-1)
             out["pixel_values"] = self.pixel_values[int(patches[:first].sum()):int(patches[:last].sum())]
         return out
+
+
+# ----------------------------------------------------------------------------- 1-3. prompts, rollout, reward
+
+@dataclass
+class Sampled:
+    """What phases 1-3 made of some studies (one round of `roll_out`): n studies x G completions,
+    scored. Row i is completion i % G of studies[i // G]."""
+    studies: list[Study]
+    prompts: dict | None                    # the encoder's batch, [n, P]; None: to be encoded again
+    completions: torch.Tensor               # [n*G, C]
+    completion_mask: torch.Tensor           # [n*G, C]
+    truncated: torch.Tensor                 # [n*G] bool
+    texts: list[str]                        # [n*G]
+    rewards: torch.Tensor                   # [n*G]
+    reward_terms: dict                      # name -> [n*G]
+    details: dict                           # what the reward saw: "labels", "ref_labels" [n*G, 14], "ccs" [n*G]
+
+
+def roll_out(model, processor, encoder, studies: list[Study], labeler, cfg: RunConfig, generator, timer: PhaseTimer,
+             *, reward_cache: dict | None = None, eos_token_ids=(), pad_token_id: int = 0,
+             suppress_token_ids=()) -> Sampled:
+    """Lines 1-3 of the diagram for some studies: their prompts, G completions each, the rewards."""
+    device = next(model.parameters()).device
+
+    # ---- 1. prompts: system turn, the study's views, the instruction; left padded        [B, P]
+    prompts = encoder(studies, device)
+    timer.lap("prompts")
+
+    # ---- 2. rollout: G samples per study (KV cache; the prompt is encoded once)         [B*G, C]
+    completions, completion_mask, truncated = sample_completions(
+        model, prompts, cfg, generator, cfg.num_generations, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+        suppress_token_ids=suppress_token_ids)
+    timer.lap("rollout")
+
+    # ---- 3. reward: decode, extract <report>, label, R = 0.75 MCCS + 0.25 format        [B*G]
+    texts = decode_completions(processor, completions, completion_mask, pad_token_id)
+    rewards, reward_terms, details = score_completions(texts, studies, labeler, cfg, reward_cache)
+    timer.lap("reward")
+    return Sampled(studies, prompts, completions, completion_mask, truncated, texts, rewards, reward_terms, details)
 
 
 # ----------------------------------------------------------------------------- 2. rollout
@@ -188,32 +231,39 @@ def rollout_logps(model, rollout: Rollout, slices: list[slice], temperature: flo
 
 def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimizer, scheduler, cfg: RunConfig,
               generator: torch.Generator | None, *, ref_model=None, reward_cache: dict | None = None,
-              eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()) -> tuple[dict, Rollout]:
+              eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=(),
+              more_studies: Callable[[], list[Study]] | None = None) -> tuple[dict, Rollout]:
     """One GRPO step on B studies, the module docstring's diagram line for line -> (stats, rollout).
 
     encoder: a prompts.PromptEncoder (the run's wording, cached encodings). stats: the step's
     metrics under TRL's names (reward, kl, clip_ratio/*, loss, ...), floats. Several ranks
     (torchrun): each rank passes its own studies; the two calls marked `ranks:` in step 6 (and
     the batch std of step 4) make the update equal to one process's update on the whole batch.
+    more_studies: with --dynamic-sampling, draws the next B studies of the training stream (this
+    rank's part) for an extra round; the rollout then holds the groups kept (`rollout.studies`).
     """
-    G, stop_and_pad = cfg.num_generations, dict(eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+    G = cfg.num_generations
     device = next(model.parameters()).device
     model.eval()  # no dropout while sampling and while computing the reference log-probs
     timer = PhaseTimer(device)  # timer.lap(phase) ends each phase: the step's `timing/` metrics
 
-    # ---- 1. prompts: system turn, the study's views, the instruction; left padded        [B, P]
-    prompts = encoder(studies, device)
-    timer.lap("prompts")
-
-    # ---- 2. rollout: G samples per study (KV cache; the prompt is encoded once)         [B*G, C]
-    completions, completion_mask, truncated = sample_completions(
-        model, prompts, cfg, generator, G, **stop_and_pad, suppress_token_ids=suppress_token_ids)
-    timer.lap("rollout")
-
-    # ---- 3. reward: decode, extract <report>, label, R = 0.75 MCCS + 0.25 format        [B*G]
-    texts = decode_completions(processor, completions, completion_mask, pad_token_id)
-    rewards, reward_terms, details = score_completions(texts, studies, labeler, cfg, reward_cache)
-    timer.lap("reward")
+    # ---- 1-3. prompts, rollout (G samples per study), reward: `roll_out`               [B*G]
+    def roll(batch: list[Study]) -> Sampled:
+        return roll_out(model, processor, encoder, batch, labeler, cfg, generator, timer, reward_cache=reward_cache,
+                        eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids)
+    sampled = everything = roll(studies)
+    dynamic, informative = {}, True
+    if cfg.dynamic_sampling:  # DAPO: only the groups whose rewards differ; more rounds until B of them
+        kept, everything, dynamic = dynamic_sampling.keep_informative(
+            sampled, more_studies and (lambda: roll(more_studies())), G, cfg.dynamic_sampling_rounds, pad_token_id)
+        informative = kept is not None
+        sampled = kept if informative else sampled  # none informative: the first round, no update (below)
+        if sampled.prompts is None:  # groups of several rounds: their prompts padded together
+            sampled.prompts = encoder(sampled.studies, device)
+            timer.lap("prompts")
+    prompts, completions, completion_mask, truncated = (sampled.prompts, sampled.completions,
+                                                        sampled.completion_mask, sampled.truncated)
+    texts, rewards, reward_terms, details = sampled.texts, sampled.rewards, sampled.reward_terms, sampled.details
 
     # ---- 4. group-relative advantages A_i = (R_i - mean_g R) / (std_g R + eps)           [B*G]
     batch_std = None
@@ -222,8 +272,12 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     advantages = grpo.group_advantages(rewards, G, scale=cfg.scale_rewards, batch_std=batch_std)
     rollout = Rollout(**rollout_inputs(model, prompts, completions, completion_mask, G), texts=texts,
                       truncated=truncated, rewards=rewards, reward_terms=reward_terms,
-                      advantages=advantages.to(device), **details)
+                      advantages=advantages.to(device), studies=sampled.studies, **details)
     timer.lap("inputs")
+    if not informative:  # --dynamic-sampling: no group's rewards differ, nothing to learn this step
+        skip_update(scheduler, cfg.num_iterations)
+        return {**rollout_stats(everything, G), **dynamic,
+                **timer.stats(float(everything.completion_mask.sum()), 0.0)}, rollout
 
     # ---- 5. the reference's log-probs (beta != 0: adapters off)                          [B*G, C]
     #         (pi_old needs no pass of its own: it is the first update's log-probs, step 6)
@@ -266,9 +320,20 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
         history.append(update)
     rollout.old_logps = torch.cat(old_logps)
     timer.lap("update")
-    timing = timer.stats(rollout_tokens=float(completion_mask.sum()),
+    timing = timer.stats(rollout_tokens=float(everything.completion_mask.sum()),
                          update_tokens=float(rollout.attention_mask.sum()) * cfg.num_iterations)
-    return {**rollout_stats(rollout, G), **update_stats(history), **timing}, rollout
+    return {**rollout_stats(everything, G), **update_stats(history), **dynamic, **timing}, rollout
+
+
+def skip_update(scheduler, num_iterations: int) -> None:
+    """A step without an update (--dynamic-sampling found no group whose rewards differ): the
+    optimizer does not step (no gradient; AdamW would still move the weights by its momentum and
+    weight decay), the learning-rate schedule does, mu times as an update would, so that the
+    schedule stays a function of the step: --steps N spans it whether or not each step updated."""
+    with warnings.catch_warnings():  # torch warns when the schedule steps before the first optimizer step
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        for _ in range(num_iterations):
+            scheduler.step()
 
 
 def accumulate(update: dict, loss: float, stats: dict, share: float) -> None:
@@ -286,8 +351,9 @@ def update_stats(history: list[dict]) -> dict:
     return means
 
 
-def rollout_stats(rollout: Rollout, G: int) -> dict:
-    """What the rollout looked like, under TRL's metric names."""
+def rollout_stats(rollout: Rollout | Sampled, G: int) -> dict:
+    """What the rollout looked like, under TRL's metric names (with --dynamic-sampling: every group
+    sampled, the dropped ones included)."""
     grouped = rollout.rewards.view(-1, G)                                               # [B, G]
     stats = {"reward": float(rollout.rewards.mean()),
              "reward_std": float(grouped.std(1).mean()),

@@ -18,7 +18,7 @@ BOUNDS = {
     "steps": ("-1", "0"), "batch_size": ("0", "2"), "num_generations": ("1", "2"), "max_new_tokens": ("0", "1"),
     "temperature": ("0", "0.7"), "top_p": ("0", "1"), "lr": ("0", "1e-4"), "weight_decay": ("-0.1", "0"),
     "warmup_ratio": ("1.5", "1"), "max_grad_norm": ("0", "0.5"), "beta": ("-0.01", "0"), "epsilon": ("1", "0"),
-    "epsilon_high": ("-0.1", "0.28"), "num_iterations": ("0", "1"), "grad_accum": ("0", "1"),
+    "epsilon_high": ("-0.1", "0.28"), "num_iterations": ("0", "1"), "dynamic_sampling_rounds": ("-1", "0"), "grad_accum": ("0", "1"),
     "sft_steps": ("-1", "0"), "sft_lr": ("0", "1e-3"), "sft_batch_size": ("0", "1"), "eval_limit": ("-1", "0"),
     "eval_samples": ("-1", "0"), "eval_batch_size": ("0", "1"), "eval_sample_batch_size": ("0", "1"),
     "save_every": ("0", "1"), "sample_every": ("-1", "0"), "prompt_cache_gb": ("-1", "0"), "threads": ("0", "1"),
