@@ -1,6 +1,6 @@
 """The paper's ablation table on one data set, over training seeds: one command, resumable.
 
-    python -m mrgr1.ablation --dataset demo                  # 3 seeds x 7 rows, CPU
+    python -m mrgr1.ablation --dataset demo                  # 3 seeds x 8 rows, CPU
     python -m mrgr1.ablation --dataset demo --seeds 1        # the quick version
     python -m mrgr1.ablation --dataset iu_xray --policy huatuogpt-vision-7b --labeler chexbert
 
@@ -50,6 +50,8 @@ GRPO_ROWS = (
     ("grpo_format", "GRPO: format only", ("--reward", "mccs", "--reward-weights", "0,1")),
     ("grpo_ce_f1", "GRPO: CE-F1 per report + format", ("--reward", "ce_f1", "--reward-weights", "0.75,0.25")),
     ("grpo_bleu", "GRPO: BLEU + format", ("--reward", "bleu", "--reward-weights", "0.75,0.25")),
+    ("grpo_dynamic", "GRPO: MCCS + format, dynamic sampling (DAPO)",
+     ("--reward", "mccs", "--reward-weights", "0.75,0.25", "--dynamic-sampling")),
 )
 ROWS = (("sft", "SFT only (MLE)", ()), ("sft_more", "SFT + extra SFT (GRPO's compute)", ())) + GRPO_ROWS
 # (key, column title, digits): evaluate.py's metrics.json keys, and mean_length computed here
@@ -58,7 +60,7 @@ COLUMNS = (("ce_micro/f1", "CE-F1 micro", 4), ("ce_example/f1", "CE-F1 per repor
            ("bleu_4", "BLEU-4", 4), ("rouge_l", "ROUGE-L", 4), ("mean_length", "length (tokens)", 1))
 # train_grpo.py flags the ablation passes through when given
 TRAIN_KNOBS = ("sft_steps", "steps", "batch_size", "num_generations", "max_new_tokens", "sft_batch_size",
-               "lr", "sft_lr", "beta", "lora_rank", "threads", "dtype", "device")
+               "lr", "sft_lr", "beta", "lora_rank", "threads", "dtype", "device", "decode")
 
 
 class AblationError(RuntimeError):
@@ -148,17 +150,25 @@ def check_settings(args) -> None:
 
 # ----------------------------------------------------------------------------- one seed
 
-def with_flags(flags: list[str], *pairs: str) -> list[str]:
-    """flags with each (name, value) of pairs set: earlier occurrences of the name removed."""
-    names = set(pairs[::2])
-    kept, i = [], 0
-    while i < len(flags):
-        if flags[i] in names:
-            i += 2
+def options(tokens) -> list[list[str]]:
+    """Command-line tokens as options: [name, value] or [name] for a switch (no value follows).
+    >>> options(["--steps", "2", "--dynamic-sampling", "--lr", "-1e-3"])
+    [['--steps', '2'], ['--dynamic-sampling'], ['--lr', '-1e-3']]
+    """
+    out = []
+    for token in tokens:
+        if token.startswith("--") or not out:
+            out.append([token])
         else:
-            kept.append(flags[i])
-            i += 1
-    return kept + list(pairs)
+            out[-1].append(token)
+    return out
+
+
+def with_flags(flags: list[str], *given: str) -> list[str]:
+    """flags with each option of `given` set (name value, or a switch alone): earlier occurrences
+    of its name removed."""
+    names = {o[0] for o in options(given)}
+    return [t for o in options(flags) if o[0] not in names for t in o] + list(given)
 
 
 def read_json(path: str):
@@ -199,7 +209,7 @@ def evaluate_row(args, settings, name: str, folder: str, policy: str, adapter: s
            "--weights-dir", args.weights_dir, "--labeler", settings.labeler, "--split", "test",
            "--max-new-tokens", str(settings.max_new_tokens), "--limit", str(eval_limit(args, settings)),
            "--eval-batch-size", str(args.eval_batch_size), "--dtype", settings.dtype, "--output-dir", eval_dir]
-    for key in ("data_root", "chexbert_weights", "device"):
+    for key in ("data_root", "chexbert_weights", "device", "decode"):
         if getattr(args, key) is not None:
             cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     if adapter:

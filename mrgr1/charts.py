@@ -21,8 +21,12 @@ import math
 import os
 import textwrap
 
+from .timing import PHASES
+
 PART_NAMES = {"mccs": "MCCS", "ce_f1": "CE-F1", "bleu": "BLEU", "format": "format"}
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+PHASE_COLOURS = {"prompts": "#8c564b", "rollout": "#1f77b4", "reward": "#ff7f0e", "inputs": "#9467bd",
+                 "reference": "#7f7f7f", "update": "#2ca02c"}
 INSTALL_HINT = "pip install -e \".[plot]\""  # what a page without charts tells the user
 
 
@@ -108,32 +112,79 @@ def ce_summary(results: dict | None) -> str:
     return "test CE-F1 (micro) " + " -> ".join(parts) if parts else ""
 
 
-def plot_curves(log_path: str, out: str, results: dict | None = None) -> str | None:
-    """The curves of a run's metrics.jsonl as a PNG at `out`: raw values faint, their moving
-    average bold, a panel with nothing to show says why; the before/after test CE-F1 (train_grpo's
-    results) in the title. Returns `out`, or None when matplotlib is not installed."""
+def time_panel(rows: list[dict]) -> tuple[list[int], list[tuple[str, list[float]]], str | None]:
+    """Where each step's time went: (steps, [(phase, seconds per step)] in grpo_step's order, why
+    it is empty or None), from the `timing/<phase>` metrics (mrgr1/timing.py)."""
+    timed = [r for r in rows if any(f"timing/{p}" in r for p in PHASES)]
+    if not timed:
+        return [], [], "no timing/ metrics in this metrics.jsonl"
+    phases = [(p, [float(r.get(f"timing/{p}", 0.0)) for r in timed]) for p in PHASES
+              if any(r.get(f"timing/{p}", 0.0) > 0 for r in timed)]
+    return [r["step"] for r in timed], phases, None
+
+
+def _empty(ax, why: str) -> None:
+    ax.text(0.5, 0.5, textwrap.fill(why, 42), ha="center", va="center", fontsize=9, color="#555",
+            transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_time_panel(ax, rows: list[dict]) -> None:
+    """Seconds per phase per step, stacked (bottom to top in grpo_step's order), and the whole
+    step's time as a line above them (what lies between: logging, checkpoints, the ranks' wait)."""
+    ax.set_title("where the time went (seconds per step)", fontsize=10)
+    steps, phases, empty = time_panel(rows)
+    if empty:
+        _empty(ax, empty)
+        return
+    ax.stackplot(steps, *[v for _, v in phases], labels=[p for p, _ in phases],
+                 colors=[PHASE_COLOURS[p] for p, _ in phases], alpha=0.85)
+    label, line_steps, step_time = _series(rows, "step_time", "whole step")
+    if line_steps:
+        ax.plot(line_steps, step_time, color="black", linewidth=1, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds")
+    top = max(step_time + [sum(v) for v in zip(*[v for _, v in phases])])
+    ax.set_ylim(0, 1.4 * top)  # room for the legend above the stack
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", ncol=2)  # top of the stack first
+
+
+def curves_figure(rows: list[dict], results: dict | None = None):
+    """The figure of plot_curves: the six curve panels (2 x 3) and, on the right over both rows,
+    where the time went."""
     plt = pyplot()
-    if plt is None:
-        return None
-    rows = read_metrics(log_path)
     window = smoothing_window(len(rows))
-    fig, axes = plt.subplots(2, 3, figsize=(14, 6.5))
-    for ax, (title, series, empty) in zip(axes.flat, curve_panels(rows)):
+    fig = plt.figure(figsize=(18, 6.5))
+    grid = fig.add_gridspec(2, 4)
+    axes = [fig.add_subplot(grid[i // 3, i % 3]) for i in range(6)]
+    for ax, (title, series, empty) in zip(axes, curve_panels(rows)):
         ax.set_title(title, fontsize=10)
         if empty:
-            ax.text(0.5, 0.5, textwrap.fill(empty, 42), ha="center", va="center", fontsize=9, color="#555",
-                    transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _empty(ax, empty)
             continue
         for colour, (label, steps, values) in zip(COLOURS, series):
             ax.plot(steps, values, color=colour, alpha=0.25, linewidth=1)
             ax.plot(steps, moving_average(values, window), color=colour, linewidth=2, label=label)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
+    draw_time_panel(fig.add_subplot(grid[:, 3]), rows)
     note = f"faint: each step; bold: mean of the last {window} steps"
     fig.suptitle("   ".join(s for s in (ce_summary(results), note) if s), fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(log_path: str, out: str, results: dict | None = None) -> str | None:
+    """The curves of a run's metrics.jsonl as a PNG at `out`: raw values faint, their moving
+    average bold, a panel with nothing to show says why; where the time went, stacked; the
+    before/after test CE-F1 (train_grpo's results) in the title. Returns `out`, or None when
+    matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig = curves_figure(read_metrics(log_path), results)
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out

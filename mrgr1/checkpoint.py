@@ -237,9 +237,10 @@ def _check_shapes(model, tensors: dict, path: str) -> None:
 # ----------------------------------------------------------------------------- resume checks
 
 # Flags that do not change what a run computes: where it runs, how often it saves or reports, what
-# it evaluates before/after (--eval-*), memory savers. Every other flag in train_config.json must match.
+# it evaluates before/after (--eval-*), memory savers, the decode step (every --decode gives the same
+# tokens). Every other flag in train_config.json must match.
 NOT_RUN_KEYS = ("resume", "overwrite", "output_dir", "weights_dir", "device", "threads",
-                "save_every", "sample_every", "grad_checkpointing", "prompt_cache_gb")
+                "save_every", "sample_every", "grad_checkpointing", "prompt_cache_gb", "decode")
 # The run's length may change on resume (train longer or stop earlier); the caller says so, since
 # the learning-rate schedule then spans the new length.
 LENGTH_KEYS = ("steps",)

@@ -217,3 +217,12 @@ def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
         return
     for p in params:
         dist.broadcast(p.data, src=0)
+
+
+def min_across_ranks(value: int) -> int:
+    """min_r value_r, the same on every rank (the value itself in a single process)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)

@@ -60,7 +60,7 @@ METRICS_FILE = "metrics.json"
 # default the values the run recorded (train_config.json beside --adapter or --policy), else the
 # dataset's preset (mrgr1/run_config.py).
 RUN_FIELDS = ("dataset", "data_root", "all_images", "weights_dir", "labeler", "chexbert_weights", "max_new_tokens",
-              "min_pixels", "max_pixels", "system_prompt", "instruction", "eval_batch_size", "dtype", "device")
+              "min_pixels", "max_pixels", "system_prompt", "instruction", "eval_batch_size", "dtype", "device", "decode")
 # Flags whose change makes earlier predictions of an output folder invalid for a resumed run.
 RESUME_KEYS = ("policy", "adapter", "dataset", "data_root", "split", "all_images", "labeler", "chexbert_weights",
                "max_new_tokens", "temperature", "top_p", "seed", "dtype", "min_pixels", "max_pixels",
@@ -122,7 +122,8 @@ def run_settings(args) -> run_config.RunConfig:
     # the data set: the flag, else the run's, else the demo (a predictions file needs none: real defaults)
     dataset = flags.pop("dataset", recorded.get("dataset") or (None if args.predictions else "demo"))
     args.policy = args.policy or default_policy(dataset or "real")
-    keep = {k: v for k, v in recorded.items() if k in RUN_FIELDS and k not in ("dataset", "data_root", "device")}
+    where = ("dataset", "data_root", "device", "decode")  # where and how this evaluation runs: not the run's
+    keep = {k: v for k, v in recorded.items() if k in RUN_FIELDS and k not in where}
     settings = run_config.preset("demo" if dataset == "demo" else "real", **{**keep, **flags})
     settings.dataset = dataset
     return settings

@@ -24,8 +24,9 @@ from .trainer import decode_completions, sample_completions, score_completions
 def generate_reports(model, processor, encoder, studies: list[Study], cfg: RunConfig, *, eos_token_ids=(),
                      pad_token_id: int = 0, suppress_token_ids=(), temperature: float = 0.0,
                      top_p: float = 1.0, generator=None) -> list[str]:
-    """Greedy (by default) completions of every study, in order, cfg.eval_batch_size at a time and
-    at most cfg.max_new_tokens long; temperature > 0 samples (top_p < 1: from the nucleus)."""
+    """Greedy (by default) completions of every study, in order, cfg.eval_batch_size at a time,
+    at most cfg.max_new_tokens long, with cfg.decode's step; temperature > 0 samples (top_p < 1:
+    from the nucleus)."""
     device = next(model.parameters()).device
     texts = []
     for s in range(0, len(studies), cfg.eval_batch_size):
@@ -34,7 +35,7 @@ def generate_reports(model, processor, encoder, studies: list[Study], cfg: RunCo
             model, prompts["input_ids"], prompts["attention_mask"], prompts.get("pixel_values"),
             prompts.get("image_grid_thw"), max_new_tokens=cfg.max_new_tokens, temperature=temperature,
             top_p=top_p, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-            suppress_token_ids=suppress_token_ids, generator=generator)
+            suppress_token_ids=suppress_token_ids, generator=generator, decode=cfg.decode)
         texts += decode_completions(processor, out, completion_mask, pad_token_id)
     return texts
 

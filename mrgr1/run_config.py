@@ -23,7 +23,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from . import data, processing
+import torch
+
+from . import data, generate, processing
 from .files import read_json
 
 GROUPS = ("data", "model", "prompt", "reward", "GRPO", "SFT", "evaluation", "run")
@@ -120,6 +122,12 @@ class RunConfig:
     mask_truncated: bool = knob(False, "GRPO", "drop completions without EOS from the loss (DAPO)")
     num_iterations: int = knob(1, "GRPO", "updates per batch of rollouts (mu; demo 2, so that the ratio moves "
                                "and clipping acts)", demo=2, check=AT_LEAST_1)
+    dynamic_sampling: bool = knob(False, "GRPO", "drop the groups whose G rewards are all equal (their advantages "
+                                  "are 0) and roll out further studies until B groups differ: DAPO's dynamic "
+                                  "sampling (ours: off until the ablation measures it)")
+    dynamic_sampling_rounds: int = knob(3, "GRPO", "with --dynamic-sampling, the most extra rounds of B studies a "
+                                        "step draws (ours); a step with no informative group after them makes "
+                                        "no update", check=AT_LEAST_0)
     grad_accum: int = knob(1, "GRPO", "micro-batches per optimizer step: a step's B x G rollouts (per rank) "
                            "split into this many", check=AT_LEAST_1)
     shared_prompt: bool = knob(True, "GRPO", "run each study's prompt through the decoder once for its G "
@@ -149,6 +157,10 @@ class RunConfig:
     prompt_cache_gb: float = knob(2.0, "run", "keep each study's encoded prompt after first use, up to this "
                                   "many GB (ours; 0 = encode every time, same results)", check=AT_LEAST_0)
     device: str | None = knob(None, "run", "cpu | cuda | cuda:N (default: cuda when available)")
+    decode: str = knob("auto", "run", "decode step of the rollouts and the evaluation (mrgr1/generate.py; all "
+                       "give the same tokens): eager | static (static shapes) | graph (the static step "
+                       "replayed as a CUDA graph; CUDA only) | auto (eager until a GPU measures graph faster; "
+                       "docs/generation.md)", choices=generate.DECODE_MODES)
     threads: int | None = knob(None, "run", "CPU threads for torch (default: torch's own choice)", check=AT_LEAST_1)
 
     @property
@@ -199,10 +211,22 @@ def check(cfg: RunConfig) -> None:
     if cfg.lora_rank == 0 and cfg.policy != "demo" and cfg.steps > 0:
         problems.append("--lora-rank 0 (full fine-tuning) with a pretrained --policy (only the demo model: "
                         "a 7B model needs LoRA)")
+    if cfg.decode == "graph" and not runs_on_cuda(cfg.device):
+        why = f"this run has --device {cfg.device}" if cfg.device and not cfg.device.startswith("cuda") \
+            else "no CUDA device is found"
+        problems.append(f"--decode graph (it records a CUDA graph, which needs CUDA, and {why}; use --decode auto, "
+                        f"eager or static)")
     if cfg.resume and cfg.overwrite:
         problems.append("--resume and --overwrite together (continue the run, or delete it: choose one)")
     if problems:
         raise UsageError("invalid " + "; ".join(problems))
+
+
+def runs_on_cuda(device: str | None) -> bool:
+    """Whether a run with this --device runs on CUDA (None: CUDA when available, as distributed.pick_device)."""
+    if device is None:
+        return torch.cuda.is_available()
+    return device.startswith("cuda") and torch.cuda.is_available()
 
 
 def check_sizes(cfg: RunConfig, n_train: int, world_size: int = 1) -> None:

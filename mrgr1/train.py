@@ -25,7 +25,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import baselines, charts, checkpoint, distributed, lora, pipeline, rollout_viewer, run_config, tracking, trainer
+from . import (baselines, charts, checkpoint, distributed, lora, pipeline, rollout_viewer, run_config, timing,
+               tracking, trainer)
 from .evaluation import before_after, evaluate_policy
 from .metrics import format_table
 from .prompts import PromptEncoder
@@ -196,6 +197,10 @@ def train(cfg: RunConfig) -> dict:
             trainer_state={"epoch": state["epoch"], "batch": state["batch"],
                            "rng": checkpoint.rng_states(rollout_gen)}, config=vars(cfg))
 
+    def more_studies():  # --dynamic-sampling's extra rounds: the next batches of the same seeded stream,
+        batch = next_batch(len(train_studies), cfg.batch_size, cfg.seed, state)  # saved with the checkpoint
+        return [train_studies[i] for i in distributed.shard(batch)]
+
     interrupted = False
 
     def on_sigint(signum, frame):
@@ -215,12 +220,12 @@ def train(cfg: RunConfig) -> dict:
                 rank = distributed.rank()     # a run resumes with any number of ranks
                 rollout_gen.manual_seed(distributed.rank_seed(cfg.seed, rank, step, "rollout"))
                 torch.manual_seed(distributed.rank_seed(cfg.seed, rank, step, "dropout"))
-            t0 = time.time()
+            t0 = time.perf_counter()  # the clock the step's timing/ phases use
             stats, rollout = trainer.grpo_step(model, processor, encoder, studies, labeler, optimizer, scheduler,
                                                cfg, rollout_gen, ref_model=ref_model, reward_cache=reward_cache,
-                                               **special)
+                                               more_studies=more_studies, **special)
             stats = {"step": step + 1, **distributed.mean_across_ranks(stats),
-                     "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
+                     "lr": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - t0}
             interrupted = distributed.any_rank(interrupted)  # every rank stops at the same step
             sample = cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps)
             if distributed.is_main():
@@ -229,9 +234,12 @@ def train(cfg: RunConfig) -> dict:
                 if log_to:
                     log_to(stats, sample=rollout.texts[0] if sample else None)
             bar.set_postfix(progress_fields(cfg, stats))
+            if stats.get("dynamic/groups", 1) == 0 and distributed.is_main():
+                tqdm.write(f"[step {step + 1}] no group's rewards differ after {stats['dynamic/rounds']:.0f} extra "
+                           f"rounds (--dynamic-sampling-rounds): no update; the learning-rate schedule advanced")
             if sample and distributed.is_main():
                 tqdm.write(f"[step {step + 1}] reward {rollout.rewards[0]:.3f}: {rollout.texts[0][:300]}")
-                rollout_viewer.write_rollout_page(cfg.output_dir, step + 1, rollout, studies, stats)
+                rollout_viewer.write_rollout_page(cfg.output_dir, step + 1, rollout, rollout.studies, stats)
             if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or interrupted) and distributed.is_main():
                 save(step + 1)
             if interrupted:
@@ -262,13 +270,25 @@ def train(cfg: RunConfig) -> dict:
 
 def progress_fields(cfg: RunConfig, stats: dict) -> dict:
     """The progress bar's fields: reward, length, the content reward, kl (beta != 0, as in TRL's
-    logs) and, with mu > 1, the share of clipped tokens (on-policy the ratio is 1: nothing clips)."""
+    logs), with mu > 1 the share of clipped tokens (on-policy the ratio is 1: nothing clips), and
+    the step's seconds with the share of its two largest phases (`time_split`)."""
     shown = {"reward": f"{stats['reward']:.3f}", "len": f"{stats['completions/mean_length']:.0f}"}
     shown.update({name: f"{stats[key]:.{digits}f}" for name, key, digits in (
         (cfg.reward, f"rewards/{cfg.reward}/mean", 3), ("kl", "kl", 4)) if key in stats})
-    if cfg.num_iterations > 1:
+    if cfg.num_iterations > 1 and "clip_ratio/region_mean" in stats:
         shown["clip"] = f"{stats['clip_ratio/region_mean']:.3f}"
+    shown["time"] = time_split(stats)
     return shown
+
+
+def time_split(stats: dict, shown: int = 2) -> str:
+    """The step's seconds and the share of its largest phases (the `timing/` metrics).
+    >>> time_split({"step_time": 10.0, "timing/rollout": 6.0, "timing/update": 3.0, "timing/reward": 0.5})
+    '10.0s rollout 60% update 30%'
+    """
+    total = stats["step_time"]
+    phases = sorted(((stats[f"timing/{p}"], p) for p in timing.PHASES if f"timing/{p}" in stats), reverse=True)
+    return " ".join([f"{total:.1f}s"] + [f"{p} {s / total:.0%}" for s, p in phases[:shown] if total > 0])
 
 
 def command_line(argv: list[str]) -> None:

@@ -15,6 +15,10 @@ DeepSeekMath, arXiv 2402.03300), `grpo_step` line for line:
     6 update       mu times: log-probs (the first pass is pi_old), `policy_loss` per micro-batch,
                    backward; sum the gradients over ranks; clip; AdamW                   (grpo.py)
 
+Each phase ends with `timer.lap(phase)`: its wall seconds go to the step's metrics as
+`timing/<phase>` (prompts, rollout, reward, inputs = step 4, reference, update), with the rollout's
+and the update's tokens per second (mrgr1/timing.py).
+
 Names used throughout: G completions per study (`RunConfig.num_generations`; generate's
 `num_samples`, group_advantages' `group_size`); N = B * G rows; C completion columns;
 `completion_mask` [N, C] is 1 on completion tokens (EOS included), `loss_mask` is the float mask
@@ -30,15 +34,18 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from . import distributed, grpo, lora, shared_prompt
+from . import distributed, dynamic_sampling, grpo, lora, shared_prompt
 from .data import Study
 from .generate import generate
 from .rewards import compute_rewards
 from .run_config import RunConfig
+from .timing import PhaseTimer
 
 
 @dataclass
@@ -68,6 +75,7 @@ class Rollout:
     ccs: torch.Tensor | None = None         # [N] CCS before the margin (reward "mccs")
     old_logps: torch.Tensor | None = None   # [N, C] pi_old: the first update's log-probs (step 6)
     ref_logps: torch.Tensor | None = None   # [N, C] pi_ref (adapters off); None when beta == 0
+    studies: list[Study] | None = None      # [B] the studies of the rows (differ from grpo_step's with --dynamic-sampling)
 
     def prompts_of(self, rows: slice) -> tuple[dict, torch.Tensor]:
         """The prompts of the studies that a contiguous slice of rows belongs to, each once (model
@@ -86,6 +94,10 @@ class Rollout:
         else:
             out["pixel_values"] = p["pixel_values"][span(p["image_grid_thw"].prod(-1), images.start, images.stop)]
         return out, index
+
+    def row_tokens(self) -> float:
+        """Tokens of the N rows [prompt | completion]: what one pass over the rollout scores."""
+        return float(self.prompts["attention_mask"].sum()) * self.group_size + float(self.completion_mask.sum())
 
     def inputs(self, rows: slice) -> dict:
         """Model inputs of a contiguous slice of rows: each row's prompt (and views) repeated, joined to
@@ -116,12 +128,52 @@ def span(counts: torch.Tensor, first: int, last: int) -> slice:
     return slice(int(counts[:first].sum()), int(counts[:last].sum()))
 
 
+# ----------------------------------------------------------------------------- 1-3. prompts, rollout, reward
+
+@dataclass
+class Sampled:
+    """What phases 1-3 made of some studies (one round of `roll_out`): n studies x G completions,
+    scored. Row i is completion i % G of studies[i // G]."""
+    studies: list[Study]
+    prompts: dict | None                    # the encoder's batch, [n, P]; None: to be encoded again
+    completions: torch.Tensor               # [n*G, C]
+    completion_mask: torch.Tensor           # [n*G, C]
+    truncated: torch.Tensor                 # [n*G] bool
+    texts: list[str]                        # [n*G]
+    rewards: torch.Tensor                   # [n*G]
+    reward_terms: dict                      # name -> [n*G]
+    details: dict                           # what the reward saw: "labels", "ref_labels" [n*G, 14], "ccs" [n*G]
+
+
+def roll_out(model, processor, encoder, studies: list[Study], labeler, cfg: RunConfig, generator, timer: PhaseTimer,
+             *, reward_cache: dict | None = None, eos_token_ids=(), pad_token_id: int = 0,
+             suppress_token_ids=()) -> Sampled:
+    """Lines 1-3 of the diagram for some studies: their prompts, G completions each, the rewards."""
+    device = next(model.parameters()).device
+
+    # ---- 1. prompts: system turn, the study's views, the instruction; left padded        [B, P]
+    prompts = encoder(studies, device)
+    timer.lap("prompts")
+
+    # ---- 2. rollout: G samples per study (KV cache; the prompt is encoded once)         [B*G, C]
+    completions, completion_mask, truncated = sample_completions(
+        model, prompts, cfg, generator, cfg.num_generations, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+        suppress_token_ids=suppress_token_ids)
+    timer.lap("rollout")
+
+    # ---- 3. reward: decode, extract <report>, label, R = 0.75 MCCS + 0.25 format        [B*G]
+    texts = decode_completions(processor, completions, completion_mask, pad_token_id)
+    rewards, reward_terms, details = score_completions(texts, studies, labeler, cfg, reward_cache)
+    timer.lap("reward")
+    return Sampled(studies, prompts, completions, completion_mask, truncated, texts, rewards, reward_terms, details)
+
+
 # ----------------------------------------------------------------------------- 2. rollout
 
 def sample_completions(model, prompts: dict, cfg: RunConfig, generator, num_samples: int, *,
                        eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()):
-    """num_samples completions per prompt, sampled at the run's temperature and top-p ->
-    completions, completion_mask [B*G, C], truncated [B*G].
+    """num_samples completions per prompt, sampled at the run's temperature and top-p with its
+    decode step (--decode) -> completions, completion_mask [B*G, C], truncated [B*G].
 
     Columns that no row used are dropped (C <= max_new_tokens); truncated: no EOS within budget."""
     with torch.no_grad():
@@ -129,7 +181,8 @@ def sample_completions(model, prompts: dict, cfg: RunConfig, generator, num_samp
             model, prompts["input_ids"], prompts["attention_mask"], prompts.get("pixel_values"),
             prompts.get("image_grid_thw"), max_new_tokens=cfg.max_new_tokens, num_samples=num_samples,
             temperature=cfg.temperature, top_p=cfg.top_p, eos_token_ids=eos_token_ids,
-            pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids, generator=generator)
+            pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids, generator=generator,
+            decode=cfg.decode)
     width = max(int(completion_mask.sum(1).max()), 1)
     completions, completion_mask = completions[:, :width], completion_mask[:, :width]        # [N, C]
     last = completions.gather(1, (completion_mask.sum(1, keepdim=True) - 1).clamp_min(0))   # [N, 1]
@@ -208,28 +261,39 @@ def rollout_logps(model, rollout: Rollout, slices: list[slice], temperature: flo
 
 def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimizer, scheduler, cfg: RunConfig,
               generator: torch.Generator | None, *, ref_model=None, reward_cache: dict | None = None,
-              eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=()) -> tuple[dict, Rollout]:
+              eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=(),
+              more_studies: Callable[[], list[Study]] | None = None) -> tuple[dict, Rollout]:
     """One GRPO step on B studies, the module docstring's diagram line for line -> (stats, rollout).
 
     encoder: a prompts.PromptEncoder (the run's wording, cached encodings). stats: the step's
     metrics under TRL's names (reward, kl, clip_ratio/*, loss, ...), floats. Several ranks
     (torchrun): each rank passes its own studies; the two calls marked `ranks:` in step 6 (and
     the batch std of step 4) make the update equal to one process's update on the whole batch.
+    more_studies: with --dynamic-sampling, draws the next B studies of the training stream (this
+    rank's part) for an extra round; the rollout then holds the groups kept (`rollout.studies`).
     """
-    G, stop_and_pad = cfg.num_generations, dict(eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+    G = cfg.num_generations
     device = next(model.parameters()).device
     model.eval()  # no dropout while sampling and while computing the reference log-probs
+    timer = PhaseTimer(device)  # timer.lap(phase) ends each phase: the step's `timing/` metrics
 
-    # ---- 1. prompts: system turn, the study's views, the instruction; left padded        [B, P]
-    prompts = encoder(studies, device)
-
-    # ---- 2. rollout: G samples per study (KV cache; the prompt is encoded once)         [B*G, C]
-    completions, completion_mask, truncated = sample_completions(
-        model, prompts, cfg, generator, G, **stop_and_pad, suppress_token_ids=suppress_token_ids)
-
-    # ---- 3. reward: decode, extract <report>, label, R = 0.75 MCCS + 0.25 format        [B*G]
-    texts = decode_completions(processor, completions, completion_mask, pad_token_id)
-    rewards, reward_terms, details = score_completions(texts, studies, labeler, cfg, reward_cache)
+    # ---- 1-3. prompts, rollout (G samples per study), reward: `roll_out`               [B*G]
+    def roll(batch: list[Study]) -> Sampled:
+        return roll_out(model, processor, encoder, batch, labeler, cfg, generator, timer, reward_cache=reward_cache,
+                        eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids)
+    sampled = everything = roll(studies)
+    dynamic, informative = {}, True
+    if cfg.dynamic_sampling:  # DAPO: only the groups whose rewards differ; more rounds until B of them
+        kept, everything, dynamic = dynamic_sampling.keep_informative(
+            sampled, more_studies and (lambda: roll(more_studies())), G, cfg.dynamic_sampling_rounds, pad_token_id)
+        informative = kept is not None
+        sampled = kept if informative else sampled  # none informative: the first round, no update (below)
+        if sampled.prompts is None:  # groups of several rounds: their prompts padded together
+            sampled.prompts = encoder(sampled.studies, device)
+            timer.lap("prompts")
+    prompts, completions, completion_mask, truncated = (sampled.prompts, sampled.completions,
+                                                        sampled.completion_mask, sampled.truncated)
+    texts, rewards, reward_terms, details = sampled.texts, sampled.rewards, sampled.reward_terms, sampled.details
 
     # ---- 4. group-relative advantages A_i = (R_i - mean_g R) / (std_g R + eps)           [B*G]
     batch_std = None
@@ -238,7 +302,12 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     advantages = grpo.group_advantages(rewards, G, scale=cfg.scale_rewards, batch_std=batch_std)
     rollout = Rollout(encode_views(model, prompts), completions, completion_mask, G, texts=texts,
                       truncated=truncated, rewards=rewards, reward_terms=reward_terms,
-                      advantages=advantages.to(device), **details)
+                      advantages=advantages.to(device), studies=sampled.studies, **details)
+    timer.lap("inputs")
+    if not informative:  # --dynamic-sampling: no group's rewards differ, nothing to learn this step
+        skip_update(scheduler, cfg.num_iterations)
+        return {**rollout_stats(everything, G), **dynamic,
+                **timer.stats(float(everything.completion_mask.sum()), 0.0)}, rollout
 
     # ---- 5. the reference's log-probs (beta != 0: adapters off)                          [B*G, C]
     #         (pi_old needs no pass of its own: it is the first update's log-probs, step 6)
@@ -246,6 +315,7 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     if cfg.beta != 0:
         with lora.reference_policy(model, ref_model) as ref_net:
             rollout.ref_logps = rollout_logps(ref_net, rollout, slices, cfg.temperature, cfg.shared_prompt)
+    timer.lap("reference")
 
     # ---- 6. mu updates: policy_loss over micro-batches, backward; sum gradients; clip; AdamW
     loss_mask = rollout.completion_mask.float()                                        # [B*G, C]
@@ -278,7 +348,21 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
         scheduler.step()
         history.append(update)
     rollout.old_logps = torch.cat(old_logps)
-    return {**rollout_stats(rollout, G), **update_stats(history)}, rollout
+    timer.lap("update")
+    timing = timer.stats(rollout_tokens=float(everything.completion_mask.sum()),
+                         update_tokens=rollout.row_tokens() * cfg.num_iterations)
+    return {**rollout_stats(everything, G), **update_stats(history), **dynamic, **timing}, rollout
+
+
+def skip_update(scheduler, num_iterations: int) -> None:
+    """A step without an update (--dynamic-sampling found no group whose rewards differ): the
+    optimizer does not step (no gradient; AdamW would still move the weights by its momentum and
+    weight decay), the learning-rate schedule does, mu times as an update would, so that the
+    schedule stays a function of the step: --steps N spans it whether or not each step updated."""
+    with warnings.catch_warnings():  # torch warns when the schedule steps before the first optimizer step
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        for _ in range(num_iterations):
+            scheduler.step()
 
 
 def accumulate(update: dict, loss: float, stats: dict, share: float) -> None:
@@ -296,8 +380,9 @@ def update_stats(history: list[dict]) -> dict:
     return means
 
 
-def rollout_stats(rollout: Rollout, G: int) -> dict:
-    """What the rollout looked like, under TRL's metric names."""
+def rollout_stats(rollout: Rollout | Sampled, G: int) -> dict:
+    """What the rollout looked like, under TRL's metric names (with --dynamic-sampling: every group
+    sampled, the dropped ones included)."""
     grouped = rollout.rewards.view(-1, G)                                               # [B, G]
     stats = {"reward": float(rollout.rewards.mean()),
              "reward_std": float(grouped.std(1).mean()),

@@ -70,17 +70,32 @@ def test_every_row_is_trained_from_one_sft_start_and_scored(runs):
     train = [c for c in runs["jobs"][0] if c[2] == "mrgr1.train"]
     scored = [c for c in runs["jobs"][0] if c[2] == "mrgr1.evaluate"]
     assert [output_dir(c) for c in train] == ["sft", "sft_more", "grpo_mccs_format", "grpo_mccs",
-                                              "grpo_format", "grpo_ce_f1", "grpo_bleu"]
+                                              "grpo_format", "grpo_ce_f1", "grpo_bleu", "grpo_dynamic"]
     start = os.path.join(runs["out"], "seed0", "sft", "sft")
     assert all(flag(c, "--policy") == start for c in train[1:])  # the one shared SFT start
     assert [flag(c, "--steps") for c in train[:2]] == ["0", "0"]  # the SFT rows train SFT alone
     rewards = {output_dir(c): (flag(c, "--reward"), flag(c, "--reward-weights")) for c in train[2:]}
     assert rewards == {"grpo_mccs_format": ("mccs", "0.75,0.25"), "grpo_mccs": ("mccs", "1,0"),
                        "grpo_format": ("mccs", "0,1"), "grpo_ce_f1": ("ce_f1", "0.75,0.25"),
-                       "grpo_bleu": ("bleu", "0.75,0.25")}
-    assert len(scored) == 7 and {flag(c, "--limit") for c in scored} == {"2"}
+                       "grpo_bleu": ("bleu", "0.75,0.25"), "grpo_dynamic": ("mccs", "0.75,0.25")}
+    assert len(scored) == 8 and {flag(c, "--limit") for c in scored} == {"2"}
     for row, _, _ in ablation.ROWS:
         assert os.path.isfile(metrics_path(runs["out"], row))
+
+
+def test_the_dynamic_sampling_row_is_the_papers_row_with_dynamic_sampling_on(runs):
+    train = {output_dir(c): c for c in runs["jobs"][0] if c[2] == "mrgr1.train"}
+    assert [row for row, cmd in train.items() if "--dynamic-sampling" in cmd] == ["grpo_dynamic"]
+    paper, dynamic = train["grpo_mccs_format"], train["grpo_dynamic"]
+    assert [t for t in dynamic if t not in paper and t != flag(dynamic, "--output-dir")] == ["--dynamic-sampling"]
+    with open(os.path.join(runs["out"], "seed0", "grpo_dynamic", "metrics.jsonl")) as f:
+        assert all("dynamic/rounds" in json.loads(line) for line in f)
+
+
+def test_with_flags_replaces_options_and_keeps_switches():
+    flags = ["--steps", "2", "--dynamic-sampling", "--lr", "-1e-3"]
+    assert ablation.with_flags(flags, "--steps", "3") == ["--dynamic-sampling", "--lr", "-1e-3", "--steps", "3"]
+    assert ablation.with_flags(flags, "--dynamic-sampling") == ["--steps", "2", "--lr", "-1e-3", "--dynamic-sampling"]
 
 
 def test_extra_sft_passes_as_many_sequences_as_grpo(runs):

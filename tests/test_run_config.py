@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from mrgr1 import evaluate, run_config, synthetic, train
 from mrgr1.run_config import FIELDS, RunConfig, UsageError
@@ -17,7 +18,7 @@ BOUNDS = {
     "steps": ("-1", "0"), "batch_size": ("0", "2"), "num_generations": ("1", "2"), "max_new_tokens": ("0", "1"),
     "temperature": ("0", "0.7"), "top_p": ("0", "1"), "lr": ("0", "1e-4"), "weight_decay": ("-0.1", "0"),
     "warmup_ratio": ("1.5", "1"), "max_grad_norm": ("0", "0.5"), "beta": ("-0.01", "0"), "epsilon": ("1", "0"),
-    "epsilon_high": ("-0.1", "0.28"), "num_iterations": ("0", "1"), "grad_accum": ("0", "1"),
+    "epsilon_high": ("-0.1", "0.28"), "num_iterations": ("0", "1"), "dynamic_sampling_rounds": ("-1", "0"), "grad_accum": ("0", "1"),
     "sft_steps": ("-1", "0"), "sft_lr": ("0", "1e-3"), "sft_batch_size": ("0", "1"), "eval_limit": ("-1", "0"),
     "eval_samples": ("-1", "0"), "eval_batch_size": ("0", "1"), "eval_sample_batch_size": ("0", "1"),
     "save_every": ("0", "1"), "sample_every": ("-1", "0"), "prompt_cache_gb": ("-1", "0"), "threads": ("0", "1"),
@@ -105,3 +106,76 @@ def test_evaluating_a_run_prints_exactly_the_ce_f1_its_training_printed_after_gr
         used = json.load(f)
     assert (used["max_new_tokens"], used["max_pixels"], used["instruction"]) == (10, 3136, "Report.")
     assert os.path.isfile(out / "final" / run_config.CONFIG_FILE)
+
+
+# ----------------------------------------------------------------------------- --decode
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    """Four demo studies and the untrained demo model drawn for them -> (studies, model, processor)."""
+    from mrgr1 import data, pipeline
+
+    root = synthetic.generate(str(tmp_path_factory.mktemp("decode") / "demo"), n_train=4, n_val=0, n_test=0,
+                              image_size=56, seed=0)
+    studies = data.load_split("demo", root, "train")
+    wording = (RunConfig.system_prompt, RunConfig.instruction, RunConfig.sft_think)
+    folder = pipeline.demo_policy_folder(str(tmp_path_factory.mktemp("init")), [s.report for s in studies], wording)
+    return (studies, *pipeline.load_policy(folder))
+
+
+def decode_spy(monkeypatch, module) -> list:
+    """Record the decode= of every generate call made through `module`, then run it."""
+    from mrgr1 import generate
+
+    seen = []
+
+    def spy(*args, decode="auto", **kwargs):
+        seen.append(decode)
+        return generate.generate(*args, decode=decode, **kwargs)
+    monkeypatch.setattr(module, "generate", spy)
+    return seen
+
+
+def test_the_decode_flag_reaches_the_rollouts_and_static_samples_what_eager_samples(tiny_policy, monkeypatch, tmp_path):
+    from mrgr1 import pipeline, trainer
+    from mrgr1.prompts import PromptEncoder
+
+    studies, model, processor = tiny_policy
+    seen = decode_spy(monkeypatch, trainer)
+    prompts = PromptEncoder(processor, RunConfig.system_prompt, RunConfig.instruction)(studies)
+    drawn = {}
+    for mode in ("static", "eager"):
+        cfg = train.parse_args(["--decode", mode, "--max-new-tokens", "12", "--output-dir", str(tmp_path)])
+        drawn[mode] = trainer.sample_completions(model, prompts, cfg, torch.Generator().manual_seed(3), 2,
+                                                 **pipeline.special_ids(processor))
+    assert seen == ["static", "eager"]
+    for static, eager in zip(drawn["static"], drawn["eager"]):
+        assert torch.equal(static, eager)
+
+
+def test_the_decode_flag_reaches_the_evaluation(tiny_policy, monkeypatch, tmp_path):
+    from mrgr1 import evaluation, pipeline
+    from mrgr1.prompts import PromptEncoder
+
+    studies, model, processor = tiny_policy
+    seen = decode_spy(monkeypatch, evaluation)
+    encoder = PromptEncoder(processor, RunConfig.system_prompt, RunConfig.instruction)
+    texts = {}
+    for mode in ("static", "eager"):
+        settings = evaluate.parse_args(["--dataset", "demo", "--decode", mode, "--max-new-tokens", "12"]).settings
+        texts[mode] = evaluation.generate_reports(model, processor, encoder, studies, settings,
+                                                  **pipeline.special_ids(processor))
+    assert seen == ["static", "eager"] and texts["static"] == texts["eager"]
+
+
+def test_graph_decode_without_cuda_is_refused_by_the_flag_check_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    for device in ([], ["--device", "cpu"]):
+        with pytest.raises(UsageError, match=r"--decode graph \(it records a CUDA graph.*use --decode auto, eager "
+                                             r"or static\)"):
+            train.parse_args(["--decode", "graph", "--output-dir", str(out), *device])
+    assert not out.exists()
+    args = evaluate.parse_args(["--dataset", "demo", "--decode", "graph"])
+    with pytest.raises(evaluate.EvalError, match=r"--decode graph"):
+        evaluate.check_flags(args)

@@ -394,3 +394,32 @@ def test_one_step_raises_the_completions_with_positive_advantage_and_lowers_the_
     # with its better siblings; on average the step moves each side its own way
     assert change[A > 0].mean() > 0 > change[A < 0].mean(), (change, A)
     assert float((A * change).sum()) > 0
+
+
+def test_each_step_logs_the_seconds_of_its_phases_within_the_step_time(demo_root, tmp_path):
+    from mrgr1.timing import PHASES
+
+    run(demo_root, tmp_path, "--steps", "2")
+    for row in metrics(tmp_path):
+        seconds = [row[f"timing/{phase}"] for phase in PHASES]
+        assert all(s >= 0 for s in seconds) and row["timing/rollout"] > 0 and row["timing/update"] > 0
+        assert sum(seconds) <= row["step_time"]
+        generated = row["completions/mean_length"] * 2 * 2  # B x G completions
+        assert row["timing/rollout_tokens_per_s"] == pytest.approx(generated / row["timing/rollout"])
+        assert row["timing/update_tokens_per_s"] > 0
+
+
+def test_update_throughput_counts_prompt_and_completion_tokens_of_every_update(demo_root, tmp_path):
+    from mrgr1 import labels, lora, pipeline, trainer
+
+    studies, model, processor = demo_policy(demo_root, tmp_path, "train", 2)
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    cfg = RunConfig(num_generations=2, max_new_tokens=8, beta=0.04, num_iterations=2)
+    stats, rollout = trainer.grpo_step(model, processor, PromptEncoder(processor, *WORDING[:2]), studies,
+                                       labels.RuleLabeler(), *sgd(model, 0.01), cfg, torch.Generator().manual_seed(0),
+                                       **pipeline.special_ids(processor))
+    fed = float(rollout.inputs(slice(0, 4))["attention_mask"].sum()) * 2  # [prompt | completion], mu = 2
+    assert stats["timing/update_tokens_per_s"] * stats["timing/update"] == pytest.approx(fed)
+    generated = float(rollout.completion_mask.sum())
+    assert stats["timing/rollout_tokens_per_s"] * stats["timing/rollout"] == pytest.approx(generated)
+    assert stats["timing/reference"] > 0  # beta != 0: the reference pass ran

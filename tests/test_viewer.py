@@ -343,3 +343,23 @@ def test_report_to_tensorboard_without_the_package_stops_before_any_work(monkeyp
         train_grpo.parse_args(["--report-to", "tensorboard"])
     assert info.value.code == 2
     assert "pip install -e '.[tensorboard]'" in capsys.readouterr().err
+
+
+def test_the_curves_show_where_each_steps_time_went_stacked_by_phase():
+    pytest.importorskip("matplotlib")
+    rows = [{"step": s, "reward": 0.5, "step_time": 2.0 + s, "timing/prompts": 0.1, "timing/rollout": 1.0 * s,
+             "timing/reward": 0.2, "timing/inputs": 0.1, "timing/reference": 0.0, "timing/update": 1.5}
+            for s in (1, 2, 3)]
+    fig = charts.curves_figure(rows)
+    panel = next(ax for ax in fig.axes if ax.get_title().startswith("where the time went"))
+    # beta = 0: no reference phase; the stack bottom to top in the step's order, the step's time above
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == [
+        "whole step", "update", "inputs", "reward", "rollout", "prompts"]
+    assert len(panel.collections) == 5 and panel.get_ylabel() == "seconds"
+    top = panel.collections[-1].get_paths()[0].vertices[:, 1].max()  # the stack's height at its highest
+    assert top == pytest.approx(0.1 + 3.0 + 0.2 + 0.1 + 1.5)
+
+
+def test_the_time_panel_of_a_log_without_timing_says_so():
+    steps, phases, empty = charts.time_panel([{"step": 1, "reward": 0.5}])
+    assert (steps, phases) == ([], []) and "no timing/" in empty
