@@ -89,19 +89,23 @@ def build(args, device, dtype):
     # The tokenizer's special ids, the preset's vocabulary (the stand-in knows fewer tokens; the
     # model keeps the real-size embedding and lm_head).
     overrides = {k: v for k, v in processor.model_overrides().items() if k != "vocab_size"}
-    cfg = preset(args.preset, **overrides)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build the random weights directly in the run's dtype
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VL.from_config(cfg, seed=0)
-    finally:
-        torch.set_default_dtype(default)
+    model = random_model(preset(args.preset, **overrides), device, dtype)
     lora.apply_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.05)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return model, processor, studies, optimizer, scheduler
+
+
+def random_model(cfg, device, dtype) -> Qwen2_5_VL:
+    """Random weights built directly in the run's dtype, on the device."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Qwen2_5_VL.from_config(cfg, seed=0)
+    finally:
+        torch.set_default_dtype(default)
 
 
 class PhaseTimer:
@@ -194,13 +198,7 @@ def narrow_model(args, device, dtype):
                  mrope_section=(8, 12, 12), vocab_size=args.vocab, image_token_id=args.vocab - 5,
                  video_token_id=args.vocab - 4, vision_start_token_id=args.vocab - 3, vision_end_token_id=args.vocab - 2,
                  vision_out_hidden_size=args.hidden)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VL.from_config(cfg, seed=0)
-    finally:
-        torch.set_default_dtype(default)
+    model = random_model(cfg, device, dtype)
     lora.apply_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.0)
     model.gradient_checkpointing = args.grad_checkpointing
     return model
@@ -359,7 +357,7 @@ def main():
         results[checkpointing] = timer.result
         n, c = rollout.completion_mask.shape
         if not shown:
-            prompt = int(rollout.attention_mask.shape[1] - c)
+            prompt = int(rollout.prompts["input_ids"].shape[1])
             print(f"step: {args.studies} studies x {args.generations} completions = {n} rows; prompt {prompt} "
                   f"tokens (two {args.image_size} px views), completions {c} tokens; update in {args.grad_accum} "
                   f"micro-batches of {max(p.stop - p.start for p in trainer.micro_batches(n, args.grad_accum))}")

@@ -72,3 +72,17 @@ def test_the_graph_test_step_selects_existing_tests(flags):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     selected = [line for line in out.stdout.splitlines() if "::" in line]
     assert sum("cuda" in line for line in selected) >= 3, out.stdout
+
+
+def test_both_grpo_step_benchmarks_run_at_toy_sizes():
+    """The --cpu check's two bench_grpo_step.py commands run to their last line: the whole step
+    (its rollout's prompt width read from the Rollout) and --compare-shared (both ways, the ratios)."""
+    commands = [a for a in dry_run("--cpu") if os.path.basename(a[3]) == "bench_grpo_step.py"]
+    assert len(commands) == 2
+    env = {**os.environ, "PYTHONPATH": REPO}
+    for argv in commands:
+        out = subprocess.run([sys.executable, *argv[3:]], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        last = out.stdout.strip().splitlines()[-1]
+        assert ("unshared / shared" in last) if "--compare-shared" in argv else ("checkpointing on / off" in last)
