@@ -158,3 +158,16 @@ def test_a_grpo_step_gives_the_same_loss_gradients_and_lora_weights(fixed_reward
     for name, (weight, grad) in w0.items():
         rel_close(w1[name][1], grad)                                # the last update's gradient
         rel_close(w1[name][0], weight)                              # the adapters after the step
+
+
+def test_text_only_prompts_equal_the_unshared_rows_too():
+    model, _, _, _, comp, cmask = model_and_batch(seed=4)
+    ids = torch.randint(0, VOCAB - 10, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0                                                    # study 1's prompt is 6 tokens
+    rows = dict(input_ids=torch.cat([ids.repeat_interleave(G, 0), comp], 1),
+                attention_mask=torch.cat([mask.repeat_interleave(G, 0), cmask], 1))
+    with torch.no_grad():
+        expected = model.token_logps(**rows, logits_to_keep=comp.shape[1])
+        got = completion_logps(model, ids, mask, comp, cmask, torch.arange(2 * G) // G)
+    rel_close(got[cmask.bool()], expected[cmask.bool()])
