@@ -37,6 +37,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -278,31 +279,30 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     timer = PhaseTimer(device)  # timer.lap(phase) ends each phase: the step's `timing/` metrics
 
     # ---- 1-3. prompts, rollout (G samples per study), reward: `roll_out`               [B*G]
-    def roll(batch: list[Study]) -> Sampled:
-        return roll_out(model, processor, encoder, batch, labeler, cfg, generator, timer, reward_cache=reward_cache,
-                        eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids)
-    sampled = everything = roll(studies)
+    roll = partial(roll_out, model, processor, encoder, labeler=labeler, cfg=cfg, generator=generator, timer=timer,
+                   reward_cache=reward_cache, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                   suppress_token_ids=suppress_token_ids)
+    sampled = everything = roll(studies)        # everything: all groups sampled, for the logged stats
     dynamic, informative = {}, True
     if cfg.dynamic_sampling:  # DAPO: only the groups whose rewards differ; more rounds until B of them
         kept, everything, dynamic = dynamic_sampling.keep_informative(
             sampled, more_studies and (lambda: roll(more_studies())), G, cfg.dynamic_sampling_rounds, pad_token_id)
         informative = kept is not None
-        sampled = kept if informative else sampled  # none informative: the first round, no update (below)
-        if sampled.prompts is None:  # groups of several rounds: their prompts padded together
-            sampled.prompts = encoder(sampled.studies, device)
+        if informative and kept.prompts is None:  # groups of several rounds: their prompts padded together
+            kept.prompts = encoder(kept.studies, device)
             timer.lap("prompts")
-    prompts, completions, completion_mask, truncated = (sampled.prompts, sampled.completions,
-                                                        sampled.completion_mask, sampled.truncated)
-    texts, rewards, reward_terms, details = sampled.texts, sampled.rewards, sampled.reward_terms, sampled.details
+        sampled = kept if informative else sampled  # none informative: the first round, no update (below)
+    rewards = sampled.rewards
 
     # ---- 4. group-relative advantages A_i = (R_i - mean_g R) / (std_g R + eps)           [B*G]
     batch_std = None
     if cfg.scale_rewards == "batch":  # ranks: the std of every rank's rewards
         batch_std = float(distributed.gather_rows(rewards.to(device)).float().std())
     advantages = grpo.group_advantages(rewards, G, scale=cfg.scale_rewards, batch_std=batch_std)
-    rollout = Rollout(encode_views(model, prompts), completions, completion_mask, G, texts=texts,
-                      truncated=truncated, rewards=rewards, reward_terms=reward_terms,
-                      advantages=advantages.to(device), studies=sampled.studies, **details)
+    rollout = Rollout(encode_views(model, sampled.prompts), sampled.completions, sampled.completion_mask, G,
+                      texts=sampled.texts, truncated=sampled.truncated, rewards=rewards,
+                      reward_terms=sampled.reward_terms, advantages=advantages.to(device), studies=sampled.studies,
+                      **sampled.details)
     timer.lap("inputs")
     if not informative:  # --dynamic-sampling: no group's rewards differ, nothing to learn this step
         skip_update(scheduler, cfg.num_iterations)
@@ -320,7 +320,7 @@ def grpo_step(model, processor, encoder, studies: list[Study], labeler, optimize
     # ---- 6. mu updates: policy_loss over micro-batches, backward; sum gradients; clip; AdamW
     loss_mask = rollout.completion_mask.float()                                        # [B*G, C]
     if cfg.mask_truncated:
-        loss_mask = grpo.mask_truncated(loss_mask, truncated.to(device))
+        loss_mask = grpo.mask_truncated(loss_mask, rollout.truncated.to(device))
     normalizers = grpo.micro_batch_normalizers(  # ranks: the whole batch's denominator
         loss_mask, slices, cfg.loss_type, cfg.max_new_tokens,
         world_size=distributed.world_size(), sum_over_ranks=distributed.sum_across_ranks)
