@@ -113,7 +113,8 @@ def run_settings(args) -> run_config.RunConfig:
     --policy recorded, else the dataset's preset. Sets args.policy and args.recorded_from."""
     flags = run_config.given(args, RUN_FIELDS)
     recorded, args.recorded_from = {}, None
-    policy = args.policy or default_policy(flags.get("dataset", "demo"))
+    # a predictions file involves no model: only a --policy / --adapter given says which run to follow
+    policy = args.policy or (None if args.predictions else default_policy(flags.get("dataset", "demo")))
     for folder in (args.adapter, policy):
         found = run_config.load_recorded(folder) if folder and os.path.isdir(folder) else None
         if found is not None:

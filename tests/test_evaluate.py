@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mrgr1 import evaluate, evaluation, lora, pipeline, synthetic, trainer
+from mrgr1 import evaluate, evaluation, lora, pipeline, run_config, synthetic, trainer
 from mrgr1.prompts import PromptEncoder
 from mrgr1.run_config import RunConfig
 from mrgr1.labels import RuleLabeler
@@ -211,6 +211,17 @@ def test_missing_chexbert_weights_give_the_download_command(demo, tmp_path, caps
     err = _exit_message(capsys, argv)
     assert f"python -m mrgr1.weights download chexbert bert-base-uncased-vocab --dir {tmp_path / 'w'}" in err
     # the same for a predictions file without labels
+    _write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "reference": "No effusion.", "report": "Effusion."}])
+    err = _exit_message(capsys, ["--predictions", str(tmp_path / "p.jsonl"), "--weights-dir", str(tmp_path / "w")])
+    assert "python -m mrgr1.weights download chexbert" in err
+
+
+def test_a_predictions_file_does_not_follow_the_demo_run_in_the_working_folder(tmp_path, capsys, monkeypatch):
+    """runs/demo/sft (the default demo policy) recorded labeler rules; scoring a predictions file
+    involves no model, so it keeps the real default (CheXbert) wherever it is run."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/demo/sft")
+    run_config.save(run_config.preset("demo"), "runs/demo/sft")
     _write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "reference": "No effusion.", "report": "Effusion."}])
     err = _exit_message(capsys, ["--predictions", str(tmp_path / "p.jsonl"), "--weights-dir", str(tmp_path / "w")])
     assert "python -m mrgr1.weights download chexbert" in err
