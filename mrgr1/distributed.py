@@ -162,11 +162,18 @@ def rank0_first():
 
 def sum_across_ranks(value: float) -> float:
     """sum_r value_r (the value itself in a single process)."""
-    if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return float(t)
+    return float(_reduce_scalar(value, torch.float64, dist.ReduceOp.SUM)) if world_size() > 1 else value
+
+
+def min_across_ranks(value: int) -> int:
+    """min_r value_r, the same on every rank (the value itself in a single process)."""
+    return int(_reduce_scalar(value, torch.int64, dist.ReduceOp.MIN)) if world_size() > 1 else value
+
+
+def _reduce_scalar(value, dtype: torch.dtype, op) -> torch.Tensor:
+    t = torch.tensor([value], dtype=dtype, device=_comm_device())
+    dist.all_reduce(t, op=op)
+    return t
 
 
 def any_rank(flag: bool) -> bool:
@@ -217,12 +224,3 @@ def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
         return
     for p in params:
         dist.broadcast(p.data, src=0)
-
-
-def min_across_ranks(value: int) -> int:
-    """min_r value_r, the same on every rank (the value itself in a single process)."""
-    if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t)
