@@ -245,24 +245,13 @@ def time_phases_5_and_6(args, shared: bool) -> dict:
                     shared_prompt=shared)
     memory, times = PeakMemory(device), []
     for step in range(args.repeats + 1):
-        timer = PhaseTimer(device)
-        original = trainer.rollout_logps
-
-        def reference(*a, **k):
-            out = original(*a, **k)
-            timer.stop("reference")
-            return out
-        trainer.rollout_logps = reference
         memory.reset()
-        timer.start()
-        trainer.grpo_step(model, None, lambda studies, device=None: dict(prompts), [None] * args.studies, None,
-                          optimizer, scheduler, cfg, None)
-        timer.stop("update")
-        trainer.rollout_logps = original
+        stats, _ = trainer.grpo_step(model, None, lambda studies, device=None: dict(prompts), [None] * args.studies,
+                                     None, optimizer, scheduler, cfg, None)
         if step == 0:
             peak = memory.peak_gib()
-        else:
-            times.append({k: v[0] for k, v in timer.result.items()})
+        else:  # the step's own phase seconds (trainer's timing/ metrics)
+            times.append({k: stats[f"timing/{k}"] for k in ("reference", "update")})
     median = {k: sorted(t[k] for t in times)[len(times) // 2] for k in ("reference", "update")}
     return {**median, "peak_gib": peak}
 

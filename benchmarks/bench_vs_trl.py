@@ -15,8 +15,8 @@ What runs, in this order, each path printed as soon as it is done:
   trl                TRL's GRPOTrainer as installed (stock).
   trl-completions    the same, scoring completion positions only (see below).
 Each step path: --warmup steps, then the mean seconds of --steps steps, split into generation
-(TRL: `_generate`; mrgr1: `sample_completions`), reference pass (TRL: the no-grad calls of
-`_get_per_token_logps_and_entropies`; mrgr1: `rollout_logps`) and the rest (reward, update,
+(TRL: `_generate`; mrgr1: `timing/rollout`, its `sample_completions`), reference pass (TRL: the no-grad
+calls of `_get_per_token_logps_and_entropies`; mrgr1: `timing/reference`) and the rest (reward, update,
 optimizer), then the ratios TRL / mrgr1.
 
 How the comparison is made equal:
@@ -190,21 +190,13 @@ def mrgr1_steps(folder, processor, studies, args) -> list[dict]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     encoder = PromptEncoder(processor, cfg.system_prompt, cfg.instruction)
     generator = torch.Generator().manual_seed(0)
-    phases = {"generate": "sample_completions", "reference": "rollout_logps"}
     steps = []
     for _ in range(args.warmup + args.steps):
-        spent = {name: 0.0 for name in phases}
-        originals = {name: getattr(trainer, fn) for name, fn in phases.items()}
-        for name, fn in phases.items():
-            setattr(trainer, fn, clocked(originals[name], spent, name))
-        try:
-            total = timed(lambda: trainer.grpo_step(model, processor, encoder, studies, labels.RuleLabeler(),
-                                                    optimizer, scheduler, cfg, generator,
-                                                    **pipeline.special_ids(processor)))
-        finally:
-            for name, fn in phases.items():
-                setattr(trainer, fn, originals[name])
-        steps.append({"step": total, **spent})
+        start = time.perf_counter()
+        stats, _ = trainer.grpo_step(model, processor, encoder, studies, labels.RuleLabeler(), optimizer, scheduler,
+                                     cfg, generator, **pipeline.special_ids(processor))
+        total = time.perf_counter() - start  # its phases: the step's own timing/ metrics
+        steps.append({"step": total, "generate": stats["timing/rollout"], "reference": stats["timing/reference"]})
     return steps[args.warmup:]
 
 
